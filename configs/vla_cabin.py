@@ -1,0 +1,132 @@
+"""VLA-Cabin configs: `get_config("tiny" | "small" | "base" | "a100x128")`.
+
+Use on the command line as `--config configs/vla_cabin.py:tiny`; any field is overridable as
+`--config.model.dnfm.depth=4`. Every field is documented here and validated by
+`vlacabin_jax.config.validate`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("tiny", "small", "base", "a100x128")
+
+# Sizes fixed by the data package's schemas (action vocabulary, cabin state, tags, tokenizer).
+# `vlacabin_jax.config.validate` checks them against the live schemas.
+from vlacabin_jax.data import schema_sizes  # noqa: E402
+
+_SIZES = schema_sizes()
+
+
+def _anchor(variant: str) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """Frozen perception anchor: SigLIP-style ViT and Qwen2/Llama-style LM."""
+    vit = ml_collections.ConfigDict()
+    lm = ml_collections.ConfigDict()
+    # vit: image_size (pixels, square), patch_size, width, depth, heads, mlp_dim, layernorm_eps.
+    # lm: vocab_size, width, depth, heads, kv_heads (GQA), head_dim, mlp_dim (SwiGLU),
+    #     rope_theta, rms_eps, qkv_bias (True for Qwen2, False for Llama), tie_embeddings.
+    table = {
+        "tiny": (dict(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128),
+                 dict(width=64, depth=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=128)),
+        "small": (dict(image_size=64, patch_size=8, width=192, depth=4, heads=4, mlp_dim=768),
+                  dict(width=256, depth=4, heads=8, kv_heads=2, head_dim=32, mlp_dim=768)),
+        # SigLIP-base/16 at 224 and a Qwen2-0.5B-shaped LM.
+        "base": (dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+                 dict(width=896, depth=24, heads=14, kv_heads=2, head_dim=64, mlp_dim=4864)),
+        # SigLIP-so400m/14 at 384 and a Qwen2-7B-shaped LM.
+        "a100x128": (dict(image_size=384, patch_size=14, width=1152, depth=27, heads=16, mlp_dim=4304),
+                     dict(width=3584, depth=28, heads=28, kv_heads=4, head_dim=128, mlp_dim=18944)),
+    }
+    vit_fields, lm_fields = table[variant]
+    vit.update(vit_fields, layernorm_eps=1e-6)
+    large_vocab = {"base": 151936, "a100x128": 152064}
+    lm.update(lm_fields, vocab_size=large_vocab.get(variant, _SIZES["text_vocab"]),
+              rope_theta=1_000_000.0 if variant in large_vocab else 10_000.0,
+              rms_eps=1e-6, qkv_bias=True, tie_embeddings=variant in ("tiny", "small", "base"))
+    return vit, lm
+
+
+def _trainable(variant: str) -> dict[str, dict]:
+    """Widths of the trainable modules: (width, depth, heads, mlp_dim) per stack."""
+    w = {"tiny": 64, "small": 256, "base": 768, "a100x128": 1536}[variant]
+    deep = {"tiny": 1, "small": 2, "base": 4, "a100x128": 8}[variant]
+    heads = {"tiny": 4, "small": 4, "base": 12, "a100x128": 16}[variant]
+    return dict(width=w, depth=deep, heads=heads, mlp_dim=4 * w)
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant  # which preset these numbers came from (informational, checked on restore)
+
+    m = c.model = ml_collections.ConfigDict()
+    m.dtype = "bfloat16"  # compute dtype of every module (float32 for parity tests)
+    m.param_dtype = "float32"  # storage dtype of trainable params (fp32 master weights)
+    m.anchor_dtype = "bfloat16"  # storage dtype of the frozen anchor params
+    m.remat = variant in ("base", "a100x128")  # rematerialise transformer blocks in backward
+    m.scan_layers = True  # scan over layers (fast compile); False unrolls (exact XLA FLOP counts)
+    m.attention_impl = ""  # jax.nn.dot_product_attention implementation: "" (auto), "xla", "cudnn"
+    m.action_len = {"tiny": 8, "small": 12, "base": 16, "a100x128": 16}[variant]  # action tokens
+    m.explain_len = {"tiny": 24, "small": 32, "base": 48, "a100x128": 64}[variant]  # explanation tokens
+    m.vit, m.lm = _anchor(variant)
+    t = _trainable(variant)
+
+    # Modality encoders (speech, text, video, state) share these transformer sizes.
+    m.encoder = ml_collections.ConfigDict(dict(t, depth=max(1, t["depth"] // 2) if variant != "tiny" else 1))
+    m.latent = ml_collections.ConfigDict()
+    m.latent.d_latent = {"tiny": 32, "small": 64, "base": 256, "a100x128": 512}[variant]  # latent width
+    m.latent.tokens_per_modality = {"tiny": 2, "small": 4, "base": 8, "a100x128": 16}[variant]
+    m.speech = ml_collections.ConfigDict()
+    m.speech.n_mels = {"tiny": 32, "small": 64, "base": 80, "a100x128": 128}[variant]  # mel bins
+    m.state = ml_collections.ConfigDict()
+    m.state.numeric_dim = _SIZES["state_numeric"]  # number of numeric state fields
+    m.state.categorical_sizes = _SIZES["state_categorical"]  # cardinality of each categorical field
+
+    # MetaQuery bridge: queries read by the frozen LM, then the connector and variational head.
+    m.bridge = ml_collections.ConfigDict()
+    m.bridge.n_queries = {"tiny": 8, "small": 16, "base": 32, "a100x128": 64}[variant]
+    m.bridge.n_constraint_tags = _SIZES["constraint_tags"]  # size of the constraint-tag vocabulary
+    m.bridge.connector = ml_collections.ConfigDict(t)  # connector transformer sizes
+
+    # DNFM action generator.
+    m.dnfm = ml_collections.ConfigDict(dict(t, depth=2 * t["depth"]))
+    m.dnfm.vocab_size = _SIZES["action_vocab"]  # action-token vocabulary (incl. <pad>, <eos>, <noop>)
+    m.dnfm.d_action = {"tiny": 32, "small": 64, "base": 128, "a100x128": 256}[variant]  # codebook width
+    m.dnfm.temperature = 0.1  # tau of the codebook logits x . E^T / tau (codebook rows unit-norm)
+    m.dnfm.sample_steps = 4  # default K of the Euler sampler (1..8)
+
+    # Explanation head: causal decoder over the text vocabulary, cross-attending the connector.
+    m.explain = ml_collections.ConfigDict(t)
+    m.explain.vocab_size = m.lm.vocab_size
+
+    # Token ids the model relies on (fixed by the tokenizer and action vocabulary).
+    m.text_pad_id, m.text_bos_id, m.text_eos_id = 0, 1, 2
+    m.action_pad_id, m.action_eos_id, m.action_noop_id = 0, 1, 2
+
+    lo = c.loss = ml_collections.ConfigDict()
+    lo.kl_weight = 1e-3  # KL of every Gaussian latent to N(0, I), after warm-up
+    lo.kl_warmup_steps = 500  # linear warm-up of the KL weight from 0
+    lo.infonce_weight = 0.1  # cross-modal InfoNCE between pooled latents of present modalities
+    lo.infonce_temperature = 0.1
+    lo.recon_weight = 0.1  # state / mel / visual-feature reconstruction heads
+    lo.velocity_weight = 1.0  # DNFM velocity regression (x1 - z0)
+    lo.endpoint_weight = 1.0  # cross-entropy of the endpoint decoded from x_t
+    lo.source_weight = 1.0  # cross-entropy of z0 itself against the targets (source alignment)
+    lo.path_weight = 1.0  # consistency on the model's own path (one model step, then decode)
+    lo.explanation_weight = 1.0  # teacher-forced explanation cross-entropy
+    lo.t_source_fraction = 0.5  # fraction of the batch trained at t = 0
+    lo.t_beta = 3.0  # the rest draws t ~ Beta(1, t_beta), weighted toward the source end
+
+    d = c.data = ml_collections.ConfigDict()
+    d.text_len = {"tiny": 24, "small": 32, "base": 64, "a100x128": 96}[variant]  # text tokens
+    d.mel_frames = {"tiny": 32, "small": 64, "base": 200, "a100x128": 300}[variant]  # mel frames
+    d.num_frames = {"tiny": 4, "small": 4, "base": 8, "a100x128": 16}[variant]  # video frames
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size; -1 takes the devices left over
+    c.mesh.fsdp = 1  # fully-sharded data-parallel axis (params sharded over embed)
+    c.mesh.tensor = 1  # tensor-parallel axis (mlp, heads, vocab)
+    # Overrides of the logical-axis rules in vlacabin_jax/sharding.py, e.g. "mlp=fsdp,vocab=".
+    c.mesh.rules_override = ""
+    return c

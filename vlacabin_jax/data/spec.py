@@ -1,0 +1,63 @@
+"""The batch contract between the data pipeline and the model.
+
+Every batch the model sees is a flat dict of fixed-shape numpy/JAX arrays with exactly these keys.
+Missing modalities are signalled by `modality_mask` (and the per-element masks), never by
+zero-filled features alone. Shapes are derived from the config so that data and model agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Order of the modality axis of `modality_mask` and of the latent tokens in the bridge.
+MODALITIES = ("speech", "text", "video", "state")
+
+# The four data kinds of the pre-training mix; `kind` holds the index.
+KINDS = ("vla", "image_text", "video_text", "speech_text")
+
+
+def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of every batch field.
+
+    Args:
+      cfg: the full config (`cfg.model` and `cfg.data` are read).
+      batch_size: leading dimension (global or per-process, as the caller needs).
+    Returns:
+      {name: (shape, dtype)}.
+    """
+    m, d = cfg.model, cfg.data
+    b = batch_size
+    size = m.vit.image_size
+    return {
+        # Instruction / caption / transcript text, token ids of the text tokenizer.
+        "text_tokens": ((b, d.text_len), np.int32),
+        "text_mask": ((b, d.text_len), np.bool_),
+        # Log-mel features of the spoken request.
+        "mel": ((b, d.mel_frames, m.speech.n_mels), np.float32),
+        "mel_mask": ((b, d.mel_frames), np.bool_),
+        # Cabin video frames (an image is a one-frame clip), RGB in [0, 1].
+        "frames": ((b, d.num_frames, size, size, 3), np.float32),
+        "frame_mask": ((b, d.num_frames), np.bool_),
+        # Device / environment state: normalised numeric fields and categorical ids.
+        "state_numeric": ((b, m.state.numeric_dim), np.float32),
+        "state_categorical": ((b, len(m.state.categorical_sizes)), np.int32),
+        # Which modalities are present in each sample, in MODALITIES order.
+        "modality_mask": ((b, len(MODALITIES)), np.bool_),
+        # Active cabin constraint tags (multi-hot over the tag vocabulary).
+        "constraint_tags": ((b, m.bridge.n_constraint_tags), np.bool_),
+        # Target action tokens: actions, <eos>, then <pad> to action_len.
+        "action_tokens": ((b, m.action_len), np.int32),
+        # Whether the sample carries an action target (VLA kind) at all.
+        "has_actions": ((b,), np.bool_),
+        # Explanation tokens (<bos> ... <eos> <pad>...) and their mask.
+        "explanation_tokens": ((b, m.explain_len), np.int32),
+        "explanation_mask": ((b, m.explain_len), np.bool_),
+        # Data kind (index into KINDS) and a globally unique sample id.
+        "kind": ((b,), np.int32),
+        "sample_id": ((b,), np.int64),
+    }
+
+
+def zeros_batch(cfg, batch_size: int) -> dict[str, np.ndarray]:
+    """An all-zero batch of the right shapes (for `init` and shape inference)."""
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_spec(cfg, batch_size).items()}

@@ -1,0 +1,279 @@
+"""Shared building blocks: dense layers with logical axes, norms, attention, MLPs, layer stacks.
+
+Every parameter is created through `nn.with_logical_partitioning`, so `vlacabin_jax.sharding`
+maps it onto the mesh. Logical axis names used across the model:
+  embed, mlp, heads, kv_heads, head_dim, vocab, layers, and None (replicated, small vectors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def logical(init: Callable, axes: Axes) -> Callable:
+    """An initializer that also records the parameter's logical axis names."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+    """`DenseGeneral` whose kernel/bias carry logical axes.
+
+    Attributes:
+      features: output feature shape (int or tuple, e.g. (heads, head_dim)).
+      kernel_axes: logical axes of the kernel, input axes first then output axes.
+      axis: input axes contracted (e.g. (-2, -1) for an attention output projection).
+    """
+
+    features: int | Sequence[int]
+    kernel_axes: Axes
+    axis: int | Sequence[int] = -1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        out_axes = self.kernel_axes[-len(features):]
+        return nn.DenseGeneral(
+            features=features if len(features) > 1 else features[0],
+            axis=self.axis,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(self.kernel_init, self.kernel_axes),
+            bias_init=logical(nn.initializers.zeros_init(), out_axes),
+            name="dense",
+        )(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in Llama/Qwen2: x / rms(x) * scale, computed in fp32, scale initialised to 1."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with logical axes on scale/bias; statistics in fp32."""
+
+    eps: float = 1e-6
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.LayerNorm(
+            epsilon=self.eps,
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+            bias_init=logical(nn.initializers.zeros_init(), ("norm",)),
+            name="ln",
+        )(x.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, Llama/Qwen2 "rotate half" layout, real sin/cos only.
+
+    Args:
+      x: [batch, length, heads, head_dim].
+      positions: [batch, length] integer positions.
+      theta: RoPE base.
+    Returns:
+      [batch, length, heads, head_dim], same dtype as x.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = head_dim // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array, causal: bool) -> jax.Array:
+    """Boolean attention mask [batch, 1, q_len, kv_len] from per-token validity.
+
+    Args:
+      q_mask: [batch, q_len] or None (all queries valid).
+      kv_mask: [batch, kv_len].
+      causal: also forbid attending to later positions (q_len must equal kv_len).
+    """
+    mask = kv_mask[:, None, None, :]
+    if q_mask is not None:
+        mask = mask & q_mask[:, None, :, None]
+    if causal:
+        length = kv_mask.shape[-1]
+        mask = mask & jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query KV heads, optional RoPE, through
+    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere).
+
+    Attributes:
+      num_heads: query heads. num_kv_heads: key/value heads (divides num_heads).
+      head_dim: per-head width. use_bias: biases on q/k/v (Qwen2, SigLIP) and out (SigLIP).
+      rope_theta: apply RoPE to q/k when set.
+      implementation: passed to dot_product_attention (None = let JAX choose).
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    rope_theta: float | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        context: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """x: [batch, q_len, embed]; context: [batch, kv_len, embed] (cross-attention) or None;
+        mask: bool [batch, 1, q_len, kv_len] or None; positions: [batch, q_len] for RoPE."""
+        kv_heads = self.num_kv_heads or self.num_heads
+        embed = x.shape[-1]
+        source = x if context is None else context
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias)
+        q = Dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
+        k = Dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(source)
+        v = Dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(source)
+        if self.rope_theta is not None:
+            q = rope(q, positions, self.rope_theta)
+            k = rope(k, positions, self.rope_theta)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        return Dense(
+            embed, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=self.out_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    """Feed-forward block: `gelu` (exact erf or tanh, two matrices) or `swiglu` (three)."""
+
+    hidden: int
+    kind: str = "gelu"  # gelu | gelu_tanh | swiglu
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+        if self.kind == "swiglu":
+            gate = Dense(self.hidden, ("embed", "mlp"), name="gate", **kw)(x)
+            up = Dense(self.hidden, ("embed", "mlp"), name="up", **kw)(x)
+            h = nn.silu(gate) * up
+        else:
+            h = Dense(self.hidden, ("embed", "mlp"), name="up", **kw)(x)
+            h = nn.gelu(h, approximate=self.kind == "gelu_tanh")
+        return Dense(x.shape[-1], ("mlp", "embed"), name="down", **kw)(h)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm bidirectional transformer block (encoders, connector).
+
+    `__call__(x, mask)` returns `(x, None)` so the block can be scanned.
+    """
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(name="ln_attn", **kw)(x)
+        x = x + Attention(self.num_heads, self.head_dim, qkv_bias=True, out_bias=True,
+                          implementation=self.attention_impl, name="attn", **kw)(h, mask)
+        h = LayerNorm(name="ln_mlp", **kw)(x)
+        x = x + Mlp(self.mlp_dim, "gelu", name="mlp", **kw)(h)
+        return x, None
+
+
+class LayerStack(nn.Module):
+    """`depth` copies of `block`, scanned (params stacked on a leading `layers` axis) or unrolled.
+
+    The block is called as `block(x, *broadcast_args) -> (x, None)`; the stack takes
+    `(x, *broadcast_args)` and returns x. Params live under `layers` (scanned, leading axis =
+    depth) or `layers_0 ... layers_{depth-1}` (unrolled).
+
+    Attributes:
+      block: the block class. depth: number of blocks. scan: scan or unroll.
+      remat: rematerialise each block's activations in the backward pass.
+      block_kwargs: constructor arguments of the block.
+    """
+
+    block: type[nn.Module]
+    depth: int
+    scan: bool = True
+    remat: bool = False
+    block_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *args) -> jax.Array:
+        cls = nn.remat(self.block, prevent_cse=not self.scan) if self.remat else self.block
+        if self.scan:
+            scanned = nn.scan(
+                cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(name="layers", **self.block_kwargs)
+            return scanned(x, *args)[0]
+        for i in range(self.depth):
+            x = cls(name=f"layers_{i}", **self.block_kwargs)(x, *args)[0]
+        return x
+
+
+def sinusoidal(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal embedding of scalar positions or times.
+
+    Args:
+      positions: [...] float or int.
+      dim: even embedding width.
+    Returns:
+      [..., dim] float32.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = positions.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
