@@ -1,11 +1,20 @@
-"""Every test sees 8 simulated CPU devices; set before JAX is imported anywhere."""
+"""Every test sees 8 simulated CPU devices; set before JAX is imported anywhere.
+
+Compiled programs go to one persistent cache per test session (`VLACABIN_JAX_CACHE`, default
+`.pytest_cache/jax`), so tests and the subprocesses they start compile each program once.
+"""
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "VLACABIN_JAX_CACHE", str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
-jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_compilation_cache_dir", os.environ["VLACABIN_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

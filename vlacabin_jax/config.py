@@ -1,0 +1,161 @@
+"""Config validation: unknown keys, wrong types and impossible values fail with one clear line.
+
+`validate(cfg)` compares a config against the preset it claims to be (`cfg.variant` of
+`configs/vla_cabin.py`) for structure and types, then checks the values. Sections register their
+value checks in `CHECKS`; each check returns a list of problems.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, of the wrong type, or has an impossible value."""
+
+
+def _flatten(cfg, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _same_type(value, ref) -> bool:
+    if isinstance(ref, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(ref, bool)
+    if isinstance(ref, float):
+        return isinstance(value, (int, float))
+    if isinstance(ref, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(ref))
+
+
+def check_structure(cfg, reference) -> list[str]:
+    """Unknown or missing fields, and type mismatches against the reference preset."""
+    got, ref = _flatten(cfg), _flatten(reference)
+    problems = [f"unknown config field {k!r}: remove it or check the spelling against configs/vla_cabin.py"
+                for k in sorted(set(got) - set(ref))]
+    problems += [f"missing config field {k!r} (expected like {ref[k]!r})" for k in sorted(set(ref) - set(got))]
+    problems += [f"config field {k!r} = {got[k]!r} has type {type(got[k]).__name__}, expected "
+                 f"{type(ref[k]).__name__} (like {ref[k]!r})"
+                 for k in sorted(set(got) & set(ref)) if not _same_type(got[k], ref[k])]
+    return problems
+
+
+def _divides(problems: list, what: str, a: int, b: int) -> None:
+    if a <= 0 or b % a:
+        problems.append(f"{what}: {a} must be positive and divide {b}")
+
+
+def check_model(cfg) -> list[str]:
+    """Shapes the model code relies on."""
+    m, p = cfg.model, []
+    for name in ("dtype", "param_dtype", "anchor_dtype"):
+        if m[name] not in ("float32", "bfloat16", "float16"):
+            p.append(f"model.{name} = {m[name]!r}: use float32, bfloat16 or float16")
+    if m.attention_impl not in ("", "xla", "cudnn"):
+        p.append(f"model.attention_impl = {m.attention_impl!r}: use '' (auto), 'xla' or 'cudnn'")
+    for stack in ("encoder", "bridge.connector", "dnfm", "explain"):
+        s = m
+        for part in stack.split("."):
+            s = s[part]
+        _divides(p, f"model.{stack}.heads vs width", s.heads, s.width)
+        if min(s.depth, s.mlp_dim) <= 0:
+            p.append(f"model.{stack}: depth and mlp_dim must be positive")
+    _divides(p, "model.vit.heads vs width", m.vit.heads, m.vit.width)
+    _divides(p, "model.vit.patch_size vs image_size", m.vit.patch_size, m.vit.image_size)
+    _divides(p, "model.lm.kv_heads vs heads", m.lm.kv_heads, m.lm.heads)
+    if m.lm.head_dim % 2:
+        p.append(f"model.lm.head_dim = {m.lm.head_dim}: RoPE needs an even head_dim")
+    if not 1 <= m.dnfm.sample_steps <= 8:
+        p.append(f"model.dnfm.sample_steps = {m.dnfm.sample_steps}: the sampler supports K = 1..8")
+    if m.dnfm.temperature <= 0:
+        p.append("model.dnfm.temperature must be > 0")
+    if m.action_len < 2 or m.explain_len < 3:
+        p.append("model.action_len must be >= 2 and model.explain_len >= 3 (room for <eos>)")
+    if m.explain.vocab_size != m.lm.vocab_size:
+        p.append("model.explain.vocab_size must equal model.lm.vocab_size (one text tokenizer)")
+    for name in ("d_latent", "tokens_per_modality"):
+        if m.latent[name] <= 0:
+            p.append(f"model.latent.{name} must be positive")
+    if m.bridge.n_queries <= 0:
+        p.append("model.bridge.n_queries must be positive")
+    return p
+
+
+def check_schema_sizes(cfg) -> list[str]:
+    """Sizes the config copies from the data schemas must match the live schemas."""
+    from vlacabin_jax.data import schema_sizes
+
+    sizes, m, p = schema_sizes(), cfg.model, []
+    pairs = {"model.dnfm.vocab_size": (m.dnfm.vocab_size, sizes["action_vocab"]),
+             "model.state.numeric_dim": (m.state.numeric_dim, sizes["state_numeric"]),
+             "model.state.categorical_sizes": (tuple(m.state.categorical_sizes), tuple(sizes["state_categorical"])),
+             "model.bridge.n_constraint_tags": (m.bridge.n_constraint_tags, sizes["constraint_tags"])}
+    for name, (got, want) in pairs.items():
+        if got != want:
+            p.append(f"{name} = {got} but the data schema has {want}: do not override it (it follows the schema)")
+    return p
+
+
+def check_loss_and_data(cfg) -> list[str]:
+    lo, d, p = cfg.loss, cfg.data, []
+    for key, value in lo.items():
+        if key.endswith("_weight") and value < 0:
+            p.append(f"loss.{key} = {value}: weights must be >= 0")
+    if not 0.0 <= lo.t_source_fraction <= 1.0:
+        p.append(f"loss.t_source_fraction = {lo.t_source_fraction}: must lie in [0, 1]")
+    if lo.t_beta <= 0 or lo.infonce_temperature <= 0 or lo.kl_warmup_steps < 0:
+        p.append("loss.t_beta and loss.infonce_temperature must be > 0, loss.kl_warmup_steps >= 0")
+    for key in ("text_len", "mel_frames", "num_frames"):
+        if d[key] <= 0:
+            p.append(f"data.{key} = {d[key]}: must be positive")
+    return p
+
+
+CHECKS: list[Callable[[ml_collections.ConfigDict], list[str]]] = [check_model, check_schema_sizes,
+                                                                   check_loss_and_data]
+
+
+def validate(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> None:
+    """Raise `ConfigError` listing every problem (first line names the first one).
+
+    Args:
+      cfg: the config to check.
+      reference: the preset to compare structure and types with; default
+        `configs.vla_cabin.get_config(cfg.variant)`.
+    """
+    if reference is None:
+        from configs.vla_cabin import VARIANTS, get_config
+
+        if cfg.get("variant") not in VARIANTS:
+            raise ConfigError(f"config field 'variant' = {cfg.get('variant')!r}: use one of {', '.join(VARIANTS)}")
+        reference = get_config(cfg.variant)
+    problems = check_structure(cfg, reference)
+    if not problems:
+        for check in CHECKS:
+            problems += check(cfg)
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+def config_to_json_dict(cfg: ml_collections.ConfigDict) -> dict:
+    """Plain JSON-able dict (tuples become lists)."""
+    def plain(x):
+        if isinstance(x, (ml_collections.ConfigDict, dict)):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+    return plain(cfg)

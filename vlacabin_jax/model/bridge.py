@@ -1,0 +1,99 @@
+"""MetaQuery bridge: latent tokens + constraint tags + instruction text + learnable queries run
+through the frozen LM; the query outputs go through a trainable connector to the variational head
+that gives the DNFM source latent z0 [batch, action_len, d_action].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlacabin_jax.model import layers
+from vlacabin_jax.model.encoders import GaussianHead
+
+Dtype = Any
+
+
+class BridgeInputs(nn.Module):
+    """Builds the LM input sequence before the text: latent tokens and constraint-tag tokens.
+
+    Latent tokens get a modality-type embedding and a temporal position encoding (their segment
+    or slot index); tags are one token each, masked when inactive.
+    """
+
+    cfg: ml_collections.ConfigDict  # the full `model` config
+    num_modalities: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents: jax.Array, modality_ids: jax.Array, slots: jax.Array,
+                 tags: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """latents: [b, n, d_latent]; modality_ids, slots: [n] int; tags: [b, n_tags] bool.
+
+        Returns (latent tokens [b, n, d_lm], tag tokens [b, n_tags, d_lm]).
+        """
+        d_lm = self.cfg.lm.width
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layers.Dense(d_lm, ("latent", "lm_embed"), use_bias=True, name="latent_proj", **kw)(latents)
+        modality = self.param("modality_embedding", layers.logical(nn.initializers.normal(0.02), (None, "lm_embed")),
+                              (self.num_modalities, d_lm), self.param_dtype)
+        temporal = layers.Dense(d_lm, (None, "lm_embed"), name="temporal_proj", **kw)(
+            layers.sinusoidal(slots, 64).astype(self.dtype))
+        x = x + modality[modality_ids].astype(self.dtype)[None] + temporal[None]
+        tag_table = self.param("tag_embedding", layers.logical(nn.initializers.normal(0.02), (None, "lm_embed")),
+                               (self.cfg.bridge.n_constraint_tags, d_lm), self.param_dtype)
+        tag_tokens = jnp.broadcast_to(tag_table.astype(self.dtype), (tags.shape[0],) + tag_table.shape)
+        return x, tag_tokens
+
+
+class Queries(nn.Module):
+    """The `n_queries` learnable MetaQuery tokens [n_queries, d_lm]."""
+
+    cfg: ml_collections.ConfigDict
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, batch_size: int, dtype: Dtype) -> jax.Array:
+        q = self.param("queries", layers.logical(nn.initializers.normal(0.02), (None, "lm_embed")),
+                       (self.cfg.bridge.n_queries, self.cfg.lm.width), self.param_dtype)
+        return jnp.broadcast_to(q.astype(dtype), (batch_size,) + q.shape)
+
+
+class Connector(nn.Module):
+    """Trainable transformer over the LM's query outputs, then the variational head.
+
+    Returns (context [b, n_queries, width] for the explanation head,
+             z0 mean and logvar [b, action_len, d_action]).
+    """
+
+    cfg: ml_collections.ConfigDict
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query_states: jax.Array):
+        c = self.cfg.bridge.connector
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layers.Dense(c.width, ("lm_embed", "embed"), use_bias=True, name="proj", **kw)(query_states)
+        mask = jnp.ones(x.shape[:2], jnp.bool_)
+        x = layers.LayerStack(
+            layers.EncoderBlock, c.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
+            block_kwargs=dict(num_heads=c.heads, head_dim=c.width // c.heads, mlp_dim=c.mlp_dim,
+                              attention_impl=self.cfg.attention_impl or None, **kw),
+            name="encoder")(x, layers.attention_mask(None, mask, causal=False))
+        context = layers.LayerNorm(name="ln", **kw)(x)
+        # The queries map to the action positions through a learned mix over the query axis,
+        # so n_queries and action_len can differ.
+        mix = self.param("query_to_action", layers.logical(nn.initializers.normal(1.0 / self.cfg.bridge.n_queries ** 0.5),
+                                                           (None, None)),
+                         (self.cfg.bridge.n_queries, self.cfg.action_len), self.param_dtype)
+        slots = jnp.einsum("bqw,qa->baw", context, mix.astype(self.dtype))
+        slots = slots + self.param("action_slot_embedding", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
+                                   (self.cfg.action_len, c.width), self.param_dtype).astype(self.dtype)
+        mean, logvar = GaussianHead(self.cfg.dnfm.d_action, name="z0", **kw)(slots)
+        return context, mean, logvar

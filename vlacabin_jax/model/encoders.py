@@ -1,0 +1,207 @@
+"""Modality encoders of the multimodal VAE: each modality becomes a few Gaussian latent tokens.
+
+speech: log-mel → conv subsampling (×4) → transformer → time segments → Gaussian tokens
+text:   frozen LM token embeddings → transformer → attention pooling → Gaussian tokens
+video:  frozen ViT patch features per frame → temporal transformer → time segments → Gaussian
+state:  numeric and categorical fields → MLP tokens → attention pooling → Gaussian tokens
+
+Speech and video tokens each cover a contiguous time segment, so the bridge can give them a
+temporal position; a segment with no valid frame is masked, as is every token of an absent
+modality.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlacabin_jax.model import layers
+
+Dtype = Any
+
+
+class GaussianHead(nn.Module):
+    """Mean and log-variance of a diagonal Gaussian; log-variance clipped for stability."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [..., width] → (mean, logvar), each [..., features] float32."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        mean = layers.Dense(self.features, ("embed", "latent"), name="mean", **kw)(x)
+        logvar = layers.Dense(self.features, ("embed", "latent"), name="logvar",
+                              kernel_init=nn.initializers.zeros_init(), **kw)(x)
+        return mean.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), -10.0, 10.0)
+
+
+class AttentionPool(nn.Module):
+    """`num_tokens` learned queries cross-attend over a masked sequence: [b, l, w] → [b, n, w]."""
+
+    num_tokens: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        queries = self.param("queries", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
+                             (self.num_tokens, width), self.param_dtype)
+        queries = jnp.broadcast_to(queries.astype(self.dtype), (x.shape[0],) + queries.shape)
+        attn_mask = layers.attention_mask(None, mask, causal=False)
+        pooled = layers.Attention(self.num_heads, width // self.num_heads, qkv_bias=True, out_bias=True,
+                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  implementation=self.attention_impl, name="attn")(queries, attn_mask, context=x)
+        return layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(pooled)
+
+
+def segment_pool(x: jax.Array, mask: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Masked mean over `num_segments` contiguous time segments.
+
+    Args:
+      x: [batch, time, width]; mask: [batch, time] bool.
+    Returns:
+      ([batch, num_segments, width], [batch, num_segments] bool: segment has a valid step).
+    """
+    b, t, w = x.shape
+    pad = (-t) % num_segments
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    seg = (t + pad) // num_segments
+    weights = mask.reshape(b, num_segments, seg, 1).astype(jnp.float32)
+    summed = (x.reshape(b, num_segments, seg, w).astype(jnp.float32) * weights).sum(2)
+    count = weights.sum(2)
+    return (summed / jnp.maximum(count, 1.0)).astype(x.dtype), count[..., 0] > 0
+
+
+class _Common(nn.Module):
+    """Shared attributes of the modality encoders."""
+
+    cfg: ml_collections.ConfigDict  # the full `model` config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _encoder(self, name: str) -> layers.LayerStack:
+        e = self.cfg.encoder
+        return layers.LayerStack(
+            layers.EncoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
+            block_kwargs=dict(num_heads=e.heads, head_dim=e.width // e.heads, mlp_dim=e.mlp_dim,
+                              attention_impl=self.cfg.attention_impl or None, **self._kw()),
+            name=name)
+
+    def _gaussian(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return GaussianHead(self.cfg.latent.d_latent, name="gaussian", **self._kw())(x)
+
+
+class SpeechEncoder(_Common):
+    """log-mel [b, t, n_mels] → (mean, logvar [b, n, d_latent], token mask [b, n])."""
+
+    @nn.compact
+    def __call__(self, mel: jax.Array, mel_mask: jax.Array):
+        width = self.cfg.encoder.width
+        x = mel.astype(self.dtype)
+        for i in range(2):  # two stride-2 convolutions: 4x fewer steps for the transformer
+            x = nn.Conv(width, (3,), strides=(2,), padding="SAME", dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=f"conv_{i}",
+                        kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, "embed")),
+                        bias_init=layers.logical(nn.initializers.zeros_init(), ("embed",)))(x)
+            x = nn.gelu(x, approximate=False)
+        mask = mel_mask[:, ::4][:, : x.shape[1]]
+        x = x + layers.sinusoidal(jnp.arange(x.shape[1]), width).astype(self.dtype)
+        x = self._encoder("encoder")(x, layers.attention_mask(None, mask, causal=False))
+        x = layers.LayerNorm(name="ln", **self._kw())(x)
+        pooled, token_mask = segment_pool(x, mask, self.cfg.latent.tokens_per_modality)
+        mean, logvar = self._gaussian(pooled)
+        return mean, logvar, token_mask
+
+
+class TextEncoder(_Common):
+    """Frozen-LM token embeddings [b, l, d_lm] → (mean, logvar [b, n, d_latent], mask [b, n])."""
+
+    @nn.compact
+    def __call__(self, token_embeddings: jax.Array, text_mask: jax.Array):
+        e = self.cfg.encoder
+        x = layers.Dense(e.width, ("lm_embed", "embed"), name="proj", **self._kw())(token_embeddings)
+        x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
+        x = self._encoder("encoder")(x, layers.attention_mask(None, text_mask, causal=False))
+        pooled = AttentionPool(self.cfg.latent.tokens_per_modality, e.heads, name="pool",
+                               attention_impl=self.cfg.attention_impl or None, **self._kw())(x, text_mask)
+        mean, logvar = self._gaussian(pooled)
+        return mean, logvar, jnp.ones(mean.shape[:2], jnp.bool_)
+
+
+class VideoEncoder(_Common):
+    """Per-frame ViT features [b, f, d_vit] → temporal transformer → Gaussian segment tokens."""
+
+    @nn.compact
+    def __call__(self, frame_features: jax.Array, frame_mask: jax.Array):
+        e = self.cfg.encoder
+        x = layers.Dense(e.width, ("vit_embed", "embed"), name="proj", **self._kw())(frame_features)
+        x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
+        x = self._encoder("temporal")(x, layers.attention_mask(None, frame_mask, causal=False))
+        x = layers.LayerNorm(name="ln", **self._kw())(x)
+        pooled, token_mask = segment_pool(x, frame_mask, self.cfg.latent.tokens_per_modality)
+        mean, logvar = self._gaussian(pooled)
+        return mean, logvar, token_mask
+
+
+class StateEncoder(_Common):
+    """Numeric [b, n_num] and categorical [b, n_cat] state fields → Gaussian tokens."""
+
+    @nn.compact
+    def __call__(self, numeric: jax.Array, categorical: jax.Array):
+        e = self.cfg.encoder
+        sizes = tuple(self.cfg.state.categorical_sizes)
+        n_num = numeric.shape[-1]
+        # One token per field: a per-field affine map of the value, or a categorical embedding.
+        scale = self.param("numeric_scale", layers.logical(nn.initializers.normal(1.0), (None, "embed")),
+                           (n_num, e.width), self.param_dtype)
+        shift = self.param("numeric_shift", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
+                           (n_num, e.width), self.param_dtype)
+        num_tokens = numeric[..., None].astype(self.dtype) * scale.astype(self.dtype) + shift.astype(self.dtype)
+        offsets = jnp.cumsum(jnp.array((0,) + sizes[:-1], jnp.int32))
+        table = nn.Embed(sum(sizes), e.width, dtype=self.dtype, param_dtype=self.param_dtype, name="categorical",
+                         embedding_init=layers.logical(nn.initializers.normal(0.02), ("state_vocab", "embed")))
+        cat_tokens = table(jnp.clip(categorical, 0, jnp.array(sizes) - 1) + offsets)
+        x = jnp.concatenate([num_tokens, cat_tokens], axis=1)
+        h = layers.LayerNorm(name="ln_mlp", **self._kw())(x)
+        x = x + layers.Mlp(e.mlp_dim, "gelu", name="mlp", **self._kw())(h)
+        mask = jnp.ones(x.shape[:2], jnp.bool_)
+        pooled = AttentionPool(self.cfg.latent.tokens_per_modality, e.heads, name="pool",
+                               attention_impl=self.cfg.attention_impl or None, **self._kw())(x, mask)
+        mean, logvar = self._gaussian(pooled)
+        return mean, logvar, jnp.ones(mean.shape[:2], jnp.bool_)
+
+
+class ReconstructionHeads(nn.Module):
+    """Light decoders from pooled latents [b, d_latent]: state fields, mean mel, mean visual feature."""
+
+    cfg: ml_collections.ConfigDict
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        sizes = tuple(self.cfg.state.categorical_sizes)
+        return {
+            "state_numeric": layers.Dense(self.cfg.state.numeric_dim, ("latent", None), name="state_numeric",
+                                          **kw)(pooled["state"]).astype(jnp.float32),
+            "state_categorical": layers.Dense(sum(sizes), ("latent", None), name="state_categorical",
+                                              **kw)(pooled["state"]).astype(jnp.float32),
+            "mel": layers.Dense(self.cfg.speech.n_mels, ("latent", None), name="mel",
+                                **kw)(pooled["speech"]).astype(jnp.float32),
+            "visual": layers.Dense(self.cfg.vit.width, ("latent", "vit_embed"), name="visual",
+                                   **kw)(pooled["video"]).astype(jnp.float32),
+        }

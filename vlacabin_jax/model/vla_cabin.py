@@ -1,0 +1,175 @@
+"""The VLA-Cabin model: frozen anchor (ViT + LM), modality VAE, MetaQuery bridge, DNFM action
+generator and explanation head, as one Flax module with a training and an inference method.
+
+Params split in two top-level groups: `vit` and `lm` are the frozen anchor (no gradient, no
+optimizer state, stored in `anchor_dtype`); everything else is trainable.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlacabin_jax.data.spec import MODALITIES
+from vlacabin_jax.model import bridge, dnfm, encoders, explain
+from vlacabin_jax.model.lm import DecoderLM
+from vlacabin_jax.model.vit import VisionTransformer
+
+FROZEN_KEYS = ("vit", "lm")
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+class VLACabin(nn.Module):
+    """See module docstring. Methods take the batch dict of `vlacabin_jax.data.spec`."""
+
+    cfg: ml_collections.ConfigDict  # the `model` config
+
+    def setup(self):
+        c = self.cfg
+        kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
+        anchor = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.anchor_dtype), scan=c.scan_layers,
+                      remat=c.remat, attention_impl=c.attention_impl or None)
+        self.vit = VisionTransformer(c.vit, **anchor)
+        self.lm = DecoderLM(c.lm, **anchor)
+        self.speech_encoder = encoders.SpeechEncoder(c, **kw)
+        self.text_encoder = encoders.TextEncoder(c, **kw)
+        self.video_encoder = encoders.VideoEncoder(c, **kw)
+        self.state_encoder = encoders.StateEncoder(c, **kw)
+        self.reconstruction = encoders.ReconstructionHeads(c, **kw)
+        self.bridge_inputs = bridge.BridgeInputs(c, len(MODALITIES), **kw)
+        self.queries = bridge.Queries(c, param_dtype=_dtype(c.param_dtype))
+        self.connector = bridge.Connector(c, **kw)
+        self.dnfm = dnfm.DNFM(c, **kw)
+        self.explanation = explain.ExplanationHead(c, **kw)
+
+    # ----------------------------------------------------------------------------- perception
+    def frame_features(self, frames: jax.Array) -> jax.Array:
+        """frames [b, f, h, w, 3] in [0, 1] → frozen ViT features [b, f, patches, d_vit]."""
+        b, f = frames.shape[:2]
+        pixels = frames.reshape((b * f,) + frames.shape[2:]).astype(_dtype(self.cfg.dtype)) * 2.0 - 1.0
+        feats = jax.lax.stop_gradient(self.vit(pixels))
+        return feats.reshape((b, f) + feats.shape[1:])
+
+    def encode(self, batch: dict) -> dict:
+        """Gaussian latent tokens of every modality.
+
+        Returns {"mean", "logvar": [b, n_modalities, n_tokens, d_latent] float32,
+                 "mask": [b, n_modalities, n_tokens] bool (present modality and valid segment),
+                 "visual_target": [b, d_vit] float32 (mean frozen ViT feature, for reconstruction)}.
+        """
+        text_emb = jax.lax.stop_gradient(self.lm.embed(batch["text_tokens"]))
+        patch_feats = self.frame_features(batch["frames"])
+        per_frame = patch_feats.mean(axis=2)
+        outs = {
+            "speech": self.speech_encoder(batch["mel"], batch["mel_mask"]),
+            "text": self.text_encoder(text_emb, batch["text_mask"]),
+            "video": self.video_encoder(per_frame, batch["frame_mask"]),
+            "state": self.state_encoder(batch["state_numeric"], batch["state_categorical"]),
+        }
+        mean = jnp.stack([outs[m][0] for m in MODALITIES], axis=1)
+        logvar = jnp.stack([outs[m][1] for m in MODALITIES], axis=1)
+        mask = jnp.stack([outs[m][2] for m in MODALITIES], axis=1) & batch["modality_mask"][:, :, None]
+        fm = batch["frame_mask"].astype(jnp.float32)[:, :, None]
+        visual_target = (per_frame.astype(jnp.float32) * fm).sum(1) / jnp.maximum(fm.sum(1), 1.0)
+        return {"mean": mean, "logvar": logvar, "mask": mask, "visual_target": visual_target}
+
+    # ----------------------------------------------------------------------------- bridge
+    def context(self, batch: dict, latents: jax.Array, latent_mask: jax.Array):
+        """Run the MetaQuery bridge.
+
+        Args:
+          latents: [b, n_modalities, n_tokens, d_latent]; latent_mask: [b, n_modalities, n_tokens].
+        Returns:
+          (context [b, n_queries, width], z0 mean, z0 logvar [b, action_len, d_action]).
+        """
+        b, n_mod, n_tok, d = latents.shape
+        modality_ids = jnp.repeat(jnp.arange(n_mod), n_tok)
+        slots = jnp.tile(jnp.arange(n_tok), n_mod)
+        latent_tokens, tag_tokens = self.bridge_inputs(latents.reshape(b, n_mod * n_tok, d), modality_ids,
+                                                       slots, batch["constraint_tags"])
+        text = self.lm.embed(batch["text_tokens"])
+        queries = self.queries(b, text.dtype)
+        seq = jnp.concatenate([latent_tokens.astype(text.dtype), tag_tokens.astype(text.dtype), text, queries], 1)
+        mask = jnp.concatenate([latent_mask.reshape(b, -1), batch["constraint_tags"], batch["text_mask"],
+                                jnp.ones(queries.shape[:2], jnp.bool_)], axis=1)
+        # Masked slots take no position, so the queries sit right after the last real token.
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        hidden = self.lm(seq, mask, positions)
+        return self.connector(hidden[:, -queries.shape[1]:])
+
+    # ----------------------------------------------------------------------------- training
+    def train_outputs(self, batch: dict, t_source_fraction: float, t_beta: float) -> dict:
+        """Everything the training losses need (`vlacabin_jax.model.losses`); uses rngs
+        `latent` (reparameterisation) and `flow` (time and step sampling)."""
+        enc = self.encode(batch)
+        eps = jax.random.normal(self.make_rng("latent"), enc["mean"].shape)
+        latents = enc["mean"] + jnp.exp(0.5 * enc["logvar"]) * eps
+        pooled = _pooled_means(enc["mean"], enc["mask"])
+        recon = self.reconstruction({m: pooled[:, i] for i, m in enumerate(MODALITIES)})
+        context, z0_mean, z0_logvar = self.context(batch, latents, enc["mask"])
+        z0 = z0_mean + jnp.exp(0.5 * z0_logvar) * jax.random.normal(self.make_rng("latent"), z0_mean.shape)
+
+        codebook = self.dnfm.codebook()
+        x1 = codebook[batch["action_tokens"]]
+        b = x1.shape[0]
+        k_src, k_beta, k_step = jax.random.split(self.make_rng("flow"), 3)
+        # Half the batch at t = 0 (where the sampler starts), the rest weighted toward the source.
+        t = jnp.where(jax.random.uniform(k_src, (b,)) < t_source_fraction, 0.0,
+                      jax.random.beta(k_beta, 1.0, t_beta, (b,)))
+        tb = t[:, None, None]
+        x_t = (1.0 - tb) * z0 + tb * x1
+        v = self.dnfm(x_t, t)
+        x1_hat = x_t + (1.0 - tb) * v
+        # Path consistency on the model's own path: one Euler step of a K-step sampler
+        # (K in {2, 4, 8}) from x_t, then decode the endpoint from where the model landed.
+        dt = jnp.minimum(jnp.array([0.5, 0.25, 0.125])[jax.random.randint(k_step, (b,), 0, 3)], 1.0 - t)
+        x_next = x_t + dt[:, None, None] * jax.lax.stop_gradient(v)
+        t_next = t + dt
+        v_next = self.dnfm(x_next, t_next)
+        x1_hat_next = x_next + (1.0 - t_next)[:, None, None] * v_next
+        # Velocity from the model's own point straight to the target; undefined at t = 1.
+        remaining = (1.0 - t_next)[:, None, None]
+        v_next_target = (x1 - x_next) / jnp.maximum(remaining, 1e-3)
+
+        expl = batch["explanation_tokens"]
+        return {
+            "latent_mean": enc["mean"], "latent_logvar": enc["logvar"], "latent_mask": enc["mask"],
+            "pooled": pooled, "recon": recon, "visual_target": enc["visual_target"],
+            "z0_mean": z0_mean, "z0_logvar": z0_logvar,
+            "velocity": v, "velocity_target": x1 - z0,
+            "velocity_next": v_next, "velocity_next_target": v_next_target, "t_next": t_next,
+            "endpoint_logits": self.dnfm.logits(x1_hat),
+            "source_logits": self.dnfm.logits(z0),
+            "path_logits": self.dnfm.logits(x1_hat_next),
+            "path_endpoint_gap": jnp.mean(jnp.square(x1_hat_next - jax.lax.stop_gradient(x1_hat)), axis=(1, 2)),
+            "codebook": codebook,
+            "explanation_logits": self.explanation(expl[:, :-1], context),
+        }
+
+    # ----------------------------------------------------------------------------- inference
+    def infer(self, batch: dict, steps: int) -> tuple[jax.Array, jax.Array]:
+        """Deterministic inference (latent and z0 means): (action tokens [b, action_len],
+        explanation tokens [b, explain_len]) int32."""
+        enc = self.encode(batch)
+        context, z0_mean, _ = self.context(batch, enc["mean"], enc["mask"])
+        x1 = dnfm.euler_sample(self.dnfm, z0_mean, steps)
+        actions = jnp.argmax(self.dnfm.logits(x1), axis=-1).astype(jnp.int32)
+        c = self.cfg
+        expl = explain.greedy_decode(lambda tok: self.explanation(tok, context), z0_mean.shape[0],
+                                     c.explain_len, c.text_bos_id, c.text_eos_id, c.text_pad_id)
+        return actions, expl
+
+    def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """Initialisation entry point: touches every submodule (training path)."""
+        return self.train_outputs(batch, 0.5, 3.0)["endpoint_logits"], self.infer(batch, 1)[1]
+
+
+def _pooled_means(mean: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean over latent tokens: [b, m, n, d], [b, m, n] → [b, m, d]."""
+    w = mask.astype(jnp.float32)[..., None]
+    return (mean * w).sum(2) / jnp.maximum(w.sum(2), 1.0)
