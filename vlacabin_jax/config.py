@@ -71,7 +71,9 @@ def check_model(cfg) -> list[str]:
         if min(s.depth, s.mlp_dim) <= 0:
             p.append(f"model.{stack}: depth and mlp_dim must be positive")
     _divides(p, "model.vit.heads vs width", m.vit.heads, m.vit.width)
-    _divides(p, "model.vit.patch_size vs image_size", m.vit.patch_size, m.vit.image_size)
+    if not 0 < m.vit.patch_size <= m.vit.image_size:
+        # Like SigLIP-so400m/14 at 384, a remainder is allowed: the patch conv drops it.
+        p.append(f"model.vit.patch_size = {m.vit.patch_size}: must be in 1..image_size ({m.vit.image_size})")
     _divides(p, "model.lm.kv_heads vs heads", m.lm.kv_heads, m.lm.heads)
     if m.lm.head_dim % 2:
         p.append(f"model.lm.head_dim = {m.lm.head_dim}: RoPE needs an even head_dim")

@@ -1,0 +1,44 @@
+"""Config presets validate; unknown keys, wrong types and impossible values fail clearly."""
+import re
+
+import pytest
+
+from configs.vla_cabin import VARIANTS, get_config
+from vlacabin_jax.config import ConfigError, validate
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_presets_are_valid(variant):
+    validate(get_config(variant))
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        get_config("huge")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.model.unlock().__setitem__("dropout", 0.1), "unknown config field 'model.dropout'"),
+    (lambda c: c.model.lm.__setitem__("kv_heads", 3), "kv_heads vs heads: 3 must be positive and divide 4"),
+    (lambda c: c.model.dnfm.__setitem__("sample_steps", 9), "sampler supports K = 1..8"),
+    (lambda c: c.model.__setitem__("dtype", "float64"), "model.dtype = 'float64'"),
+    (lambda c: c.model.vit.__setitem__("patch_size", 64), "patch_size = 64: must be in 1..image_size (32)"),
+    (lambda c: c.loss.__setitem__("t_source_fraction", 1.5), "t_source_fraction = 1.5"),
+    (lambda c: c.model.dnfm.__setitem__("vocab_size", 99), "data schema has"),
+    (lambda c: c.model.bridge.connector.__setitem__("heads", 5), "connector.heads vs width"),
+])
+def test_bad_values_fail_with_one_clear_message(edit, message):
+    cfg = get_config("tiny")
+    edit(cfg)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
+
+
+def test_wrong_type_is_named():
+    cfg = get_config("tiny")
+    # ConfigDict refuses a type change on assignment; a config loaded from JSON can still have one.
+    cfg_dict = cfg.to_dict()
+    cfg_dict["model"]["action_len"] = "eight"
+    import ml_collections
+    with pytest.raises(ConfigError, match="'model.action_len' = 'eight' has type str, expected int"):
+        validate(ml_collections.ConfigDict(cfg_dict))
