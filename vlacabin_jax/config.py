@@ -7,6 +7,7 @@ value checks in `CHECKS`; each check returns a list of problems.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import ml_collections
@@ -120,11 +121,64 @@ def check_loss_and_data(cfg) -> list[str]:
     for key in ("text_len", "mel_frames", "num_frames"):
         if d[key] <= 0:
             p.append(f"data.{key} = {d[key]}: must be positive")
+    if d.tokenizer and not os.path.isfile(os.path.join(d.tokenizer, "tokenizer.json")):
+        p.append(f"data.tokenizer = {d.tokenizer!r}: no tokenizer.json there; point it at the anchor LM's "
+                 "directory or leave it empty for the packaged tokenizer")
+    return p
+
+
+STAGES = ("joint", "pretrain", "sft", "align")
+
+
+def check_train(cfg) -> list[str]:
+    """The `train`, `optim` and `checkpoint` sections (vlacabin_jax/train/)."""
+    t, o, ck, p = cfg.train, cfg.optim, cfg.checkpoint, []
+    if t.stage not in STAGES:
+        p.append(f"train.stage = {t.stage!r}: use one of {', '.join(STAGES)}")
+    elif t.stage == "align":
+        p.append("train.stage = 'align' (preference alignment) is not implemented yet in this version; "
+                 "train with stage 'pretrain' or 'sft'")
+    for name in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
+        if t[name] <= 0:
+            p.append(f"train.{name} = {t[name]}: must be positive")
+    if t.grad_accum_steps > 0 and t.global_batch_size % t.grad_accum_steps:
+        p.append(f"train.global_batch_size = {t.global_batch_size} must be a multiple of "
+                 f"train.grad_accum_steps = {t.grad_accum_steps}")
+    if t.eval_every < 0 or t.eval_batches < 0 or t.max_rollbacks < 0:
+        p.append("train.eval_every, train.eval_batches and train.max_rollbacks must be >= 0")
+    if t.eval_every > 0 and t.log_every > 0 and t.eval_every % t.log_every:
+        p.append(f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} "
+                 f"(eval results are written with that step's log row)")
+    if t.eval_every > 0 and t.eval_batches == 0:
+        p.append("train.eval_batches must be > 0 when train.eval_every > 0")
+    if t.profile_steps < 0 or t.profile_start < 0:
+        p.append("train.profile_steps and train.profile_start must be >= 0")
+    if t.inject_nan_batch < -1:
+        p.append("train.inject_nan_batch must be -1 (off) or a batch index")
+    if o.lr <= 0 or o.warmup_steps < 0 or not 0.0 <= o.end_lr_factor <= 1.0:
+        p.append("optim.lr must be > 0, optim.warmup_steps >= 0, optim.end_lr_factor in [0, 1]")
+    if not (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0) or o.eps <= 0:
+        p.append(f"optim.b1 = {o.b1}, optim.b2 = {o.b2} must lie in [0, 1) and optim.eps > 0")
+    if o.weight_decay < 0 or o.clip_norm < 0:
+        p.append("optim.weight_decay and optim.clip_norm must be >= 0 (clip_norm 0 turns clipping off)")
+    if ck.interval_minutes <= 0 or ck.every_steps < 0 or ck.keep < 1:
+        p.append("checkpoint.interval_minutes must be > 0, checkpoint.every_steps >= 0 (0: off), "
+                 "checkpoint.keep >= 1")
+    mesh = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
+    if any(s == 0 or s < -1 for s in mesh) or mesh.count(-1) > 1:
+        p.append(f"mesh (data, fsdp, tensor) = {tuple(mesh)}: sizes must be positive, at most one -1")
+    elif cfg.mesh.tensor > 0:
+        m = cfg.model
+        for name, heads in (("encoder", m.encoder.heads), ("bridge.connector", m.bridge.connector.heads),
+                            ("dnfm", m.dnfm.heads), ("explain", m.explain.heads), ("vit", m.vit.heads),
+                            ("lm", m.lm.heads)):
+            if heads % cfg.mesh.tensor:
+                p.append(f"mesh.tensor = {cfg.mesh.tensor} does not divide model.{name}.heads = {heads}")
     return p
 
 
 CHECKS: list[Callable[[ml_collections.ConfigDict], list[str]]] = [check_model, check_schema_sizes,
-                                                                   check_loss_and_data]
+                                                                   check_loss_and_data, check_train]
 
 
 def validate(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> None:

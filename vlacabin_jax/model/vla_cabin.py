@@ -119,8 +119,10 @@ class VLACabin(nn.Module):
         b = x1.shape[0]
         k_src, k_beta, k_step = jax.random.split(self.make_rng("flow"), 3)
         # Half the batch at t = 0 (where the sampler starts), the rest weighted toward the source.
-        t = jnp.where(jax.random.uniform(k_src, (b,)) < t_source_fraction, 0.0,
-                      jax.random.beta(k_beta, 1.0, t_beta, (b,)))
+        # Beta(1, b) by its inverse CDF, 1 - (1 - u)^(1/b): exact, and no rejection-sampling loop
+        # (jax.random.beta's gamma sampler) to compile.
+        t_beta_draw = 1.0 - jnp.power(1.0 - jax.random.uniform(k_beta, (b,)), 1.0 / t_beta)
+        t = jnp.where(jax.random.uniform(k_src, (b,)) < t_source_fraction, 0.0, t_beta_draw)
         tb = t[:, None, None]
         x_t = (1.0 - tb) * z0 + tb * x1
         v = self.dnfm(x_t, t)

@@ -1,0 +1,81 @@
+"""Throughput of the input pipeline alone (no model): samples/s per config, worker count and source.
+
+    python -m tools.data_bench [--configs tiny,small] [--workers 0,1,2] [--sources synthetic,shards]
+                               [--batch-size 32] [--batches 30] [--samples 1024]
+
+For every (config, source, workers) it builds the `make_dataset` iterator, waits for the first batch
+(start-up: worker spawn, first reads), then times `--batches` more and prints a table of samples/s.
+"shards" first writes `--samples` synthetic samples with `tools.build_dataset` to a temporary
+directory; "synthetic" renders the world on the fly. Compare the figures with the trainer's
+samples/s: the pipeline must stay well ahead of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vlacabin_jax.data import pipeline
+
+from tools import build_dataset
+
+
+def measure(cfg, source: str, workers: int, batch_size: int, batches: int, warmup: int = 5
+            ) -> tuple[float, float]:
+    """(start-up seconds to the first batch, samples/s over `batches` batches after `warmup` more,
+    so that the buffers filled during start-up do not flatter the rate)."""
+    t0 = time.perf_counter()
+    it = pipeline.make_dataset(cfg, split="train", process_index=0, process_count=1,
+                               global_batch_size=batch_size, seed=0, source=source,
+                               num_workers=workers)
+    try:
+        next(it)
+        startup = time.perf_counter() - t0
+        for _ in range(warmup):
+            next(it)
+        t1 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        t2 = time.perf_counter()
+    finally:
+        it.close()
+    return startup, batches * batch_size / (t2 - t1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.data_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default="configs/vla_cabin.py")
+    parser.add_argument("--configs", default="tiny,small")
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--sources", default="synthetic,shards")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--samples", type=int, default=1024, help="train samples per shard build")
+    args = parser.parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",")]
+    print(f"{'config':8} {'source':10} {'workers':>7} {'startup s':>10} {'samples/s':>10}")
+    with tempfile.TemporaryDirectory(prefix="data_bench-") as tmp:
+        for variant in args.configs.split(","):
+            cfg = build_dataset.load_config(f"{args.config_file}:{variant}")
+            # Same indices for both sources: the synthetic epoch is the shard count.
+            cfg.data.synthetic_size = args.samples
+            for source in args.sources.split(","):
+                if source == "shards":
+                    out = Path(tmp, variant)
+                    plan = build_dataset.synthetic_plan(cfg, args.samples, 0)
+                    build_dataset.build(cfg, out, plan, 4, pipeline.synthetic_params(cfg), False,
+                                        progress=False)
+                    src = str(out)
+                else:
+                    src = "synthetic"
+                for w in workers:
+                    startup, rate = measure(cfg, src, w, args.batch_size, args.batches)
+                    print(f"{variant:8} {source:10} {w:>7} {startup:>10.2f} {rate:>10.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
