@@ -122,6 +122,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.text_len = {"tiny": 24, "small": 32, "base": 64, "a100x128": 96}[variant]  # text tokens
     d.mel_frames = {"tiny": 32, "small": 64, "base": 200, "a100x128": 300}[variant]  # mel frames
     d.num_frames = {"tiny": 4, "small": 4, "base": 8, "a100x128": 16}[variant]  # video frames
+    # Input pipeline (vlacabin_jax/data/pipeline.py; shards from tools/build_dataset.py).
+    d.source = "synthetic"  # "synthetic" (cabin world rendered on the fly) or a shard directory
+    d.world_seed = 0  # seed of the synthetic world: fixes the sample content (part of the DataHash)
+    d.synthetic_size = 1_000_000  # train samples per epoch of the on-the-fly world (even over kinds)
+    d.heldout_size = 2048  # heldout samples of the on-the-fly world (disjoint world indices)
+    d.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"  # sampling weight per data kind
+    d.mixture_temperature = 1.0  # weights become w^(1/T), normalised; T > 1 flattens toward uniform
+    d.num_workers = {"tiny": 0, "small": 0, "base": 8, "a100x128": 8}[variant]  # grain workers (0: threads)
+    d.read_threads = 2  # threads per process (or per worker) reading and featurizing batches
+    d.prefetch = {"tiny": 4, "small": 4, "base": 2, "a100x128": 1}[variant]  # batches buffered ahead
+    d.verify_hashes = False  # sha256 every shard against the manifest on open (reads every byte)
+    # Text tokenizer directory (the anchor LM's, for imported anchors); "" = the packaged tiny one.
+    d.tokenizer = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 takes the devices left over
@@ -129,4 +142,38 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.tensor = 1  # tensor-parallel axis (mlp, heads, vocab)
     # Overrides of the logical-axis rules in vlacabin_jax/sharding.py, e.g. "mlp=fsdp,vocab=".
     c.mesh.rules_override = ""
+
+    # Training loop (vlacabin_jax/train/loop.py).
+    tr = c.train = ml_collections.ConfigDict()
+    tr.stage = "joint"  # joint (all terms, full mixture) | pretrain | sft | align; see configs/stages/
+    tr.steps = {"tiny": 400, "small": 20_000, "base": 100_000, "a100x128": 200_000}[variant]  # optimizer steps
+    tr.global_batch_size = {"tiny": 16, "small": 64, "base": 256, "a100x128": 1024}[variant]  # all devices
+    tr.grad_accum_steps = 1  # microbatches per step (lax.scan); must divide the per-device batch
+    tr.seed = 0  # params init, per-step rngs (folded with the step) and data shuffling
+    tr.log_every = {"tiny": 20, "small": 50, "base": 100, "a100x128": 100}[variant]  # steps per host sync
+    tr.eval_every = {"tiny": 200, "small": 1000, "base": 2000, "a100x128": 2000}[variant]  # 0: no eval
+    tr.eval_batches = {"tiny": 4, "small": 16, "base": 32, "a100x128": 32}[variant]  # heldout batches
+    tr.max_rollbacks = 3  # non-finite losses tolerated (each restores the last good checkpoint)
+    tr.profile_steps = 0  # > 0: write a jax.profiler trace of that many steps to <workdir>/profile
+    tr.profile_start = 10  # first step of the profiled window (after compilation)
+    tr.init_from = ""  # checkpoint dir of an earlier stage: take its params (fresh optimizer, step 0)
+    tr.inject_nan_batch = -1  # TEST ONLY: poison this data batch index with NaN (-1: off)
+
+    # AdamW on the trainable params (vlacabin_jax/train/optimizer.py).
+    o = c.optim = ml_collections.ConfigDict()
+    o.lr = {"tiny": 1e-3, "small": 5e-4, "base": 3e-4, "a100x128": 2e-4}[variant]  # peak learning rate
+    o.warmup_steps = {"tiny": 40, "small": 1000, "base": 2000, "a100x128": 2000}[variant]  # linear warm-up
+    o.end_lr_factor = 0.1  # cosine decays to lr * end_lr_factor at train.steps
+    o.weight_decay = 0.05  # decoupled decay on kernels only (not norms, biases, embeddings, queries)
+    o.b1 = 0.9  # Adam first-moment decay
+    o.b2 = 0.95  # Adam second-moment decay
+    o.eps = 1e-8  # Adam epsilon
+    o.clip_norm = 1.0  # global-norm gradient clipping (0: off)
+
+    # Orbax checkpoints in <workdir>/checkpoints (vlacabin_jax/train/checkpoint.py).
+    ck = c.checkpoint = ml_collections.ConfigDict()
+    ck.interval_minutes = 120.0  # save when this much time has passed since the last save
+    ck.every_steps = 0  # also save every N steps (0: off)
+    ck.keep = 3  # newest checkpoints kept on disk
+    ck.async_save = True  # write in a background thread; the loop blocks only for device->host copy
     return c

@@ -40,7 +40,9 @@ def infonce(pooled: jax.Array, present: jax.Array, temperature: float) -> tuple[
     Returns:
       (loss averaged over all valid (sample, pair, direction) rows, number of such rows).
     """
-    z = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-6)
+    # rsqrt of a clamped square norm: an absent modality pools to exactly zero, where the
+    # gradient of `linalg.norm` is NaN even behind a `where`.
+    z = pooled * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(pooled), -1, keepdims=True), 1e-12))
     total, count = 0.0, 0.0
     neg = jnp.finfo(jnp.float32).min
     for i, j in itertools.combinations(range(pooled.shape[1]), 2):
