@@ -64,6 +64,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype of every module (float32 for parity tests)
     m.param_dtype = "float32"  # storage dtype of trainable params (fp32 master weights)
     m.anchor_dtype = "bfloat16"  # storage dtype of the frozen anchor params
+    # Pretrained anchor: a safetensors file from `python -m tools.import_hf` (vit/ and/or lm/
+    # params, matching model.vit / model.lm); read when a run starts fresh. "" = random anchor.
+    m.anchor_weights = ""
     m.remat = variant in ("base", "a100x128")  # rematerialise transformer blocks in backward
     m.scan_layers = True  # scan over layers (fast compile); False unrolls (exact XLA FLOP counts)
     m.attention_impl = ""  # jax.nn.dot_product_attention implementation: "" (auto), "xla", "cudnn"
@@ -153,6 +156,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     tr.log_every = {"tiny": 20, "small": 50, "base": 100, "a100x128": 100}[variant]  # steps per host sync
     tr.eval_every = {"tiny": 200, "small": 1000, "base": 2000, "a100x128": 2000}[variant]  # 0: no eval
     tr.eval_batches = {"tiny": 4, "small": 16, "base": 32, "a100x128": 32}[variant]  # heldout batches
+    # Heldout VLA turns run through the sampler and the cabin simulator at each eval (success,
+    # violations, ...; vlacabin_jax/eval/); a quarter as many video/speech-text pairs for retrieval.
+    tr.eval_cabin_samples = {"tiny": 128, "small": 512, "base": 1024, "a100x128": 2048}[variant]  # 0: off
     tr.max_rollbacks = 3  # non-finite losses tolerated (each restores the last good checkpoint)
     tr.profile_steps = 0  # > 0: write a jax.profiler trace of that many steps to <workdir>/profile
     tr.profile_start = 10  # first step of the profiled window (after compilation)

@@ -56,12 +56,12 @@ import sys
 import tempfile
 import wave
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from vlacabin_jax.data import actions, cabin, pipeline, records, shards, world
+from vlacabin_jax.data import actions, cabin, pipeline, records, shards
 from vlacabin_jax.data.spec import KINDS
 
 

@@ -121,6 +121,9 @@ def check_loss_and_data(cfg) -> list[str]:
     for key in ("text_len", "mel_frames", "num_frames"):
         if d[key] <= 0:
             p.append(f"data.{key} = {d[key]}: must be positive")
+    if cfg.model.anchor_weights and not os.path.isfile(cfg.model.anchor_weights):
+        p.append(f"model.anchor_weights = {cfg.model.anchor_weights!r}: no such file; write it with "
+                 "`python -m tools.import_hf --vit DIR --lm DIR --out FILE` or leave it empty")
     if d.tokenizer and not os.path.isfile(os.path.join(d.tokenizer, "tokenizer.json")):
         p.append(f"data.tokenizer = {d.tokenizer!r}: no tokenizer.json there; point it at the anchor LM's "
                  "directory or leave it empty for the packaged tokenizer")
@@ -144,8 +147,9 @@ def check_train(cfg) -> list[str]:
     if t.grad_accum_steps > 0 and t.global_batch_size % t.grad_accum_steps:
         p.append(f"train.global_batch_size = {t.global_batch_size} must be a multiple of "
                  f"train.grad_accum_steps = {t.grad_accum_steps}")
-    if t.eval_every < 0 or t.eval_batches < 0 or t.max_rollbacks < 0:
-        p.append("train.eval_every, train.eval_batches and train.max_rollbacks must be >= 0")
+    if t.eval_every < 0 or t.eval_batches < 0 or t.max_rollbacks < 0 or t.eval_cabin_samples < 0:
+        p.append("train.eval_every, train.eval_batches, train.eval_cabin_samples and train.max_rollbacks "
+                 "must be >= 0")
     if t.eval_every > 0 and t.log_every > 0 and t.eval_every % t.log_every:
         p.append(f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} "
                  f"(eval results are written with that step's log row)")

@@ -526,3 +526,52 @@ def export_lm_to_hf(params: Params, lm_cfg: Any, tied_head: bool = False) -> dic
     if tied_head and as_config(lm_cfg).tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"].copy()
     return out
+
+
+def load_anchor_file(path: str | Path, frozen: Params) -> tuple[Params, list[str]]:
+    """The frozen anchor with the groups stored in `tools/import_hf`'s safetensors file put in.
+
+    Args:
+      path: a file written by `python -m tools.import_hf` (keys "vit/…" and/or "lm/…").
+      frozen: this run's anchor params {"vit": …, "lm": …} (arrays or ShapeDtypeStructs); gives the
+        structure, shapes and dtypes every stored group must match exactly.
+    Returns:
+      (anchor, groups): `frozen` with each stored group replaced by the file's arrays (numpy, cast to
+      the target dtype), and the names of the groups that came from the file.
+    Raises:
+      HFImportError: unreadable file, or a stored group whose keys or shapes differ from this
+        config's (a different model size, or `--no-scan` against `model.scan_layers=True`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HFImportError(f"model.anchor_weights={path}: no such file; write one with "
+                            f"`python -m tools.import_hf --vit DIR --lm DIR --out FILE`")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise HFImportError(f"model.anchor_weights={path}: not a readable safetensors file ({e})") from None
+    out, groups = dict(frozen), []
+    for group in ("vit", "lm"):
+        keys = {k.split("/", 1)[1]: v for k, v in stored.items() if k.startswith(group + "/")}
+        if not keys:
+            continue
+        want = {"/".join(str(p.key) for p in kp): leaf
+                for kp, leaf in jax.tree_util.tree_leaves_with_path(frozen[group])}
+        bad = [f"{k}: file {list(keys[k].shape) if k in keys else 'missing'} vs model "
+               f"{list(want[k].shape) if k in want else 'absent'}"
+               for k in sorted(set(keys) | set(want))
+               if k not in keys or k not in want or tuple(keys[k].shape) != tuple(want[k].shape)]
+        if bad:
+            raise HFImportError(f"model.anchor_weights={path}: the {group} params do not fit this config's "
+                                f"model.{group} ({_list(bad, 4)}); import with the matching config and "
+                                f"model.scan_layers")
+        flat = {k: np.asarray(keys[k]).astype(want[k].dtype) for k in want}
+        nested: Params = {}
+        for k, v in flat.items():
+            _set(nested, tuple(k.split("/")), v)
+        out[group] = nested
+        groups.append(group)
+    if not groups:
+        raise HFImportError(f"model.anchor_weights={path}: holds no vit/ or lm/ params")
+    return out, groups

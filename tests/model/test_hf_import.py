@@ -329,3 +329,38 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     assert cli.main(["--lm", str(bad), "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "sliding-window" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_anchor_file_loads_into_the_frozen_tree(ckpt, tmp_path):
+    """`model.anchor_weights`: the CLI's file fills the model's own anchor tree exactly, cast to
+    the run's anchor dtype; a file for another layout or size is refused by name."""
+    out = tmp_path / "anchor.safetensors"
+    assert cli.main(["--vit", str(ckpt["siglip"][0]), "--lm", str(ckpt["llama"][0]), "--out", str(out)]) == 0
+    vit_cfg = hf_import.vit_config_from_hf(ckpt["siglip"][0])
+    lm_cfg = hf_import.lm_config_from_hf(ckpt["llama"][0])
+    to_bf16 = lambda t: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), t)  # noqa: E731
+    frozen = {"vit": to_bf16(hf_import._abstract_params("vit", vit_cfg, True)),
+              "lm": to_bf16(hf_import._abstract_params("lm", lm_cfg, True))}
+    anchor, groups = hf_import.load_anchor_file(out, frozen)
+    assert groups == ["vit", "lm"]
+    want = {"vit": hf_import.import_vit(ckpt["siglip"][0], None, True),
+            "lm": hf_import.import_lm(ckpt["llama"][0], None, True)}
+    for (path, got), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(anchor),
+                                     jax.tree_util.tree_leaves_with_path(want)):
+        assert got.dtype == jnp.bfloat16, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref.astype(jnp.bfloat16), np.float32))
+
+    # Only an LM in the file: the ViT stays as given.
+    lm_only = tmp_path / "lm.safetensors"
+    assert cli.main(["--lm", str(ckpt["llama"][0]), "--out", str(lm_only)]) == 0
+    anchor, groups = hf_import.load_anchor_file(lm_only, frozen)
+    assert groups == ["lm"] and anchor["vit"] is frozen["vit"]
+
+    unrolled = {"vit": frozen["vit"], "lm": to_bf16(hf_import._abstract_params("lm", lm_cfg, False))}
+    with pytest.raises(HFImportError, match=r"lm params do not fit .*model.scan_layers"):
+        hf_import.load_anchor_file(out, unrolled)
+    with pytest.raises(HFImportError, match="no such file.*tools.import_hf"):
+        hf_import.load_anchor_file(tmp_path / "nope.safetensors", frozen)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(HFImportError, match="not a readable safetensors file"):
+        hf_import.load_anchor_file(tmp_path / "junk.safetensors", frozen)

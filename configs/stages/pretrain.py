@@ -1,0 +1,23 @@
+"""Stage `pretrain`: align the modality latents on all four data kinds (DESIGN §3).
+
+`--config configs/stages/pretrain.py:tiny`. The multimodal VAE terms (KL, cross-modal InfoNCE,
+reconstruction) and the explanation/caption head train; the DNFM action terms are off.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.vla_cabin import get_config as base_config
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    c = base_config(variant)
+    c.train.stage = "pretrain"
+    c.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
+    c.loss.infonce_weight = 1.0
+    c.loss.recon_weight = 1.0
+    c.loss.explanation_weight = 1.0
+    for term in ("velocity", "endpoint", "source", "path"):
+        c.loss[f"{term}_weight"] = 0.0
+    return c

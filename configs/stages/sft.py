@@ -1,0 +1,23 @@
+"""Stage `sft`: actions + explanations on VLA turns (DESIGN §3).
+
+`--config configs/stages/sft.py:tiny --config.train.init_from=runs/pretrain/checkpoints` starts
+from the pretrain stage's weights (fresh optimizer, step 0). The DNFM terms and the explanation head
+train; the latent KL stays on as a regulariser, InfoNCE and reconstruction are off.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.vla_cabin import get_config as base_config
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    c = base_config(variant)
+    c.train.stage = "sft"
+    c.data.mixture = "vla=1"
+    c.loss.infonce_weight = 0.0
+    c.loss.recon_weight = 0.0
+    for term in ("velocity", "endpoint", "source", "path", "explanation"):
+        c.loss[f"{term}_weight"] = 1.0
+    return c
