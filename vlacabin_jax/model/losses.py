@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlacabin_jax.data.actions import EOS_ID
 from vlacabin_jax.data.spec import MODALITIES
 
 
@@ -114,6 +115,7 @@ def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step) -> 
     def acc(logits, labels, mask):
         return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
 
+
     metrics = {
         "loss": loss, "kl_latent": kl_latent, "kl_z0": kl_z0, "kl_scale": kl_scale,
         "infonce": nce, "infonce_rows": nce_rows,
@@ -127,7 +129,24 @@ def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step) -> 
         "explanation_acc": acc(out["explanation_logits"], expl_targets, expl_mask),
         "codebook_min_distance": min_pairwise_distance(out["codebook"]),
     }
+    metrics.update(zip(("endpoint_action_acc", "endpoint_sequence_acc"),
+                       action_accuracies(out["endpoint_logits"], tokens, has_actions)))
     return loss, metrics
+
+
+def action_accuracies(logits: jax.Array, tokens: jax.Array, has_actions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(accuracy on action tokens proper, fraction of sequences entirely right).
+
+    Most positions are <pad>, so per-token accuracy flatters a model that emits nothing; these
+    count what matters. <noop> is an action token here; <pad>/<eos> count only in whole sequences.
+
+    Args:
+      logits: [batch, action_len, vocab]; tokens: [batch, action_len] targets; has_actions: [batch].
+    """
+    hit = jnp.argmax(logits, -1) == tokens
+    content = has_actions[:, None] & (tokens > EOS_ID)
+    return (masked_mean(hit.astype(jnp.float32), content),
+            masked_mean(hit.all(-1).astype(jnp.float32), has_actions))
 
 
 def min_pairwise_distance(codebook: jax.Array) -> jax.Array:

@@ -45,9 +45,9 @@ from vlacabin_jax.train import state as state_lib
 from vlacabin_jax.train import step as step_lib
 
 # Shown on the console at every log line.
-CONSOLE_KEYS = ("loss", "endpoint_ce", "source_ce", "explanation_ce", "endpoint_acc", "grad_norm",
+CONSOLE_KEYS = ("loss", "endpoint_ce", "source_ce", "explanation_ce", "endpoint_action_acc", "grad_norm",
                 "learning_rate", "step_time_s", "samples_per_s", "data_wait_fraction", "mfu",
-                "eval/loss", "eval/endpoint_acc", "eval/success_rate", "eval/violation_rate")
+                "eval/loss", "eval/endpoint_action_acc", "eval/success_rate", "eval/violation_rate")
 
 
 class TrainingError(RuntimeError):
