@@ -120,3 +120,19 @@ def _cfg(out):
 
     config = json.loads((out / "config.json").read_text())
     return ml_collections.ConfigDict({"model": config["model"], "data": config["data"]})
+
+
+def test_small_export_end_to_end(tmp_path_factory):
+    """The `small` config: a checkpoint of a short real training run exports and verifies."""
+    from tests.export.conftest import trained_checkpoint
+    from vlacabin_jax.export.source import from_checkpoint
+
+    checkpoint = trained_checkpoint(tmp_path_factory, "small", steps=3)
+    out = tmp_path_factory.mktemp("small") / "exported"
+    report = export(checkpoint, out, latency_runs=10, trt=True, log=lambda line: None)
+    assert report["verification"]["passed"], report["verification"]["failures"]
+    assert from_checkpoint(checkpoint).cfg.variant == "small" and report["trt"]["native"]
+    checks = report["verification"]["checks"]
+    for name in ("torch_fp32_batch16", "onnx_fp32_batch16", "onnx_fp32_batch1_sample0"):
+        assert all(checks[name]["outputs"][k]["agreement"] == 1.0 for k in verify.TOKEN_OUTPUTS)
+    print(f"\nsmall export: {json.dumps({k: v.get('max_abs') for k, v in checks['onnx_fp32_batch16']['outputs'].items()})}")
