@@ -55,8 +55,9 @@ def test_process_slices_are_disjoint_and_cover_the_global_batch():
         for g in range(3):
             ids = [parts[p][g] for p in range(count)]
             assert len(set(np.concatenate(ids))) == B  # disjoint
-            # process p holds global rows p, p + P, p + 2P, ...
-            np.testing.assert_array_equal(np.stack(ids, axis=1).reshape(-1), whole[g])
+            # process p holds the contiguous rows [p·B/P, (p+1)·B/P): where its rows sit in the
+            # global array, so the global batch equals the single-process one row for row.
+            np.testing.assert_array_equal(np.concatenate(ids), whole[g])
     with pytest.raises(ValueError, match="multiple of the process count"):
         pipeline.make_dataset(cfg, global_batch_size=6, seed=0, process_count=4)
 

@@ -8,10 +8,11 @@ One global stream of samples, the same whatever the number of processes:
               grain interleaves the kinds deterministically in these proportions
   global    : element e of the mix; global batch g is elements [g*B, (g+1)*B)
 
-Process p of P takes elements e = j*P + p (`slice(p, None, P)`), so its batch g holds the global
-elements g*B + r*P + p for r < B/P: the processes' slices are disjoint and together are exactly
-the global batch. Each process then featurizes only its own samples, batches them, and prefetches
-them in `data.num_workers` worker processes (0: threads of this process).
+Process p of P takes the contiguous block of rows [p*B/P, (p+1)*B/P) of every global batch
+(`ProcessRows`): the processes' slices are disjoint, together they are exactly the global batch,
+and `jax.make_array_from_process_local_data` reassembles it in the single-process row order. Each
+process then featurizes only its own samples, batches them, and prefetches them in
+`data.num_workers` worker processes (0: threads of this process).
 
 Because the per-process stream is index-addressable, the iterator state is just the index of the
 next global batch plus what fixes the stream (seed, split, batch size, mixture, data hash). It is
@@ -198,6 +199,39 @@ def sample_stream(cfg, sources: dict[str, Any], split: str, seed: int) -> grain.
     return grain.MapDataset.mix(parts, [weights[k] for k in kinds])
 
 
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch: element j is stream element
+    `(j // local) * global + process_index * local + j % local`.
+
+    Process p holds the contiguous block [p·local, (p+1)·local) of each global batch, which is
+    where `jax.make_array_from_process_local_data` puts its rows in the global array; so the
+    global batch is row for row the one a single process would read, and so are the per-row
+    random draws of the step (a strided split would permute the rows and change the losses).
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._global, self._local = global_batch_size, global_batch_size // process_count
+        self._offset = process_index * self._local
+        self._length = len(parent) // global_batch_size * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(index, self._local)
+        return batch * self._global + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows[{self._offset}:+{self._local} of {self._global}]"
+
+
 class DataIterator(grain.DatasetIterator):
     """Per-process batch iterator with a small JSON state.
 
@@ -276,8 +310,7 @@ def make_dataset(cfg, *, split: str = "train", process_index: int = 0, process_c
               "mixture": {k: round(w, 12) for k, w in weights.items()},
               "data_hash": shards.data_hash(manifest)}
     local = global_batch_size // process_count
-    ds = (sample_stream(cfg, sources, split, seed)
-          .slice(slice(process_index, None, process_count))
+    ds = (ProcessRows(sample_stream(cfg, sources, split, seed), global_batch_size, process_index, process_count)
           .map(_Featurize(cfg).setup())
           .batch(local, drop_remainder=True))
     prefetch = int(cfg.data.prefetch)
