@@ -95,6 +95,15 @@ def test_loss_falls_and_workdir_contract(reference):
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == STEPS
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tb").iterdir())
     assert ckpt_lib.read_metadata(workdir / "checkpoints")["step"] == STEPS
+    # Goodput: the parts and the productive rest add up to the wall time of the call.
+    g = summary.goodput
+    parts = ("startup_s", "compile_s", "data_wait_s", "checkpoint_s", "eval_s", "rollback_s", "productive_s")
+    assert sum(g[k] for k in parts) == pytest.approx(g["total_s"], rel=1e-3)
+    assert 0.0 < g["goodput"] < 1.0 and g["rollback_s"] == 0.0
+    assert min(g["startup_s"], g["compile_s"], g["checkpoint_s"], g["eval_s"]) > 0.0
+    assert any(e["event"].startswith("goodput") and e["goodput"] == pytest.approx(g["goodput"], abs=0.05)
+               for e in _events(workdir))
+    print("goodput: " + ", ".join(f"{k}={v:.2f}" for k, v in g.items()))
 
 
 def test_meshes_agree_and_resume_onto_another_mesh(reference, tmp_path):
@@ -122,6 +131,7 @@ def test_nan_batch_rolls_back_and_is_skipped(reference, tmp_path):
     summary = loop.train(cfg, tmp_path / "nan", stop=loop.StopFlag(at_step=10))
     assert list((tmp_path / "nan" / "profile").rglob("*.xplane.pb"))  # jax.profiler trace of steps 2-3
     assert summary.rollbacks == 1 and summary.step == 10
+    assert summary.goodput["rollback_s"] > 0.0
     rollback = [e for e in _events(tmp_path / "nan") if "rolled back" in e["event"]]
     assert len(rollback) == 1 and rollback[0]["restored"] == 4 and rollback[0]["bad_batch"] == 6
     got = _rows(tmp_path / "nan")

@@ -15,8 +15,8 @@ most `train.max_rollbacks` times.
 Workdir contract: `config.json` (resolved config), `checkpoints/` (Orbax), `metrics.jsonl` (one
 row per logged step: `step`, `loss`, every loss term, `grad_norm`, `learning_rate`, timings;
 at eval steps `eval/<term>` of the heldout losses and, with `train.eval_cabin_samples`, the cabin
-metrics of sampled actions such as `eval/success_rate`), `events.jsonl`, `tb/` (TensorBoard),
-`profile/` (jax.profiler).
+metrics of sampled actions such as `eval/success_rate`), `events.jsonl` (resumes, rollbacks,
+preemption, and the `Goodput` of the call at its end), `tb/` (TensorBoard), `profile/` (jax.profiler).
 """
 
 from __future__ import annotations
@@ -95,6 +95,35 @@ class Summary:
     compile_s: float
     step_time_s: float | None
     samples_per_s: float | None
+    goodput: dict  # `Goodput.report()`: where this call's wall time went
+
+
+@dataclasses.dataclass
+class Goodput:
+    """Where a `train` call's wall time goes; productive = the rest (steps whose updates stand).
+
+    startup: config to the first step (mesh, state init or restore, data); compile: the first
+    step; data_wait: taking batches and building the global arrays; checkpoint: the loop's
+    blocking part of saves (the final one included); eval: periodic evaluation; rollback:
+    restoring after a non-finite loss plus the discarded steps (their count x the step time).
+    """
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    startup_s: float = 0.0
+    compile_s: float = 0.0
+    data_wait_s: float = 0.0
+    checkpoint_s: float = 0.0
+    eval_s: float = 0.0
+    rollback_s: float = 0.0
+
+    def report(self) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        lost = (self.startup_s + self.compile_s + self.data_wait_s + self.checkpoint_s + self.eval_s
+                + self.rollback_s)
+        return {"total_s": total, "productive_s": max(total - lost, 0.0), "startup_s": self.startup_s,
+                "compile_s": self.compile_s, "data_wait_s": self.data_wait_s, "checkpoint_s": self.checkpoint_s,
+                "eval_s": self.eval_s, "rollback_s": self.rollback_s,
+                "goodput": max(total - lost, 0.0) / max(total, 1e-9)}
 
 
 def check_mesh(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
@@ -190,6 +219,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop: StopFlag
       unusable inputs (before anything is written to the checkpoints) and TrainingError when
       non-finite losses persist.
     """
+    goodput = Goodput()
     validate(cfg)
     workdir = prepare_workdir(workdir)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -202,13 +232,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop: StopFlag
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous_handlers[sig] = signal.signal(sig, lambda s, _f: stop.request(signal.Signals(s).name))
     try:
-        return _run(cfg, workdir, mesh, mesh_shape, stop)
+        return _run(cfg, workdir, mesh, mesh_shape, stop, goodput)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
 
-def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
+def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Goodput) -> Summary:
     tr = cfg.train
     total, batch_size = int(tr.steps), int(tr.global_batch_size)
     abstract, shardings = state_lib.state_shardings(cfg, mesh)
@@ -273,6 +303,7 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
         return ckpt.save(at, state, train_it.get_state(), dict(loop_state), force=force)
 
     def rollback(bad_step: int, bad_index: int):
+        t_rollback = time.perf_counter()
         loop_state["rollbacks"] += 1
         if loop_state["rollbacks"] > int(tr.max_rollbacks):
             raise TrainingError(f"non-finite loss at step {bad_step} (data batch {bad_index}) after "
@@ -298,6 +329,7 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
                                f"skipping that batch (rollback {loop_state['rollbacks']}/{tr.max_rollbacks})",
                      bad_step=bad_step, bad_batch=bad_index, restored=good, deleted=dropped)
         writer.reset_position(new_step)
+        goodput.rollback_s += time.perf_counter() - t_rollback + (step - new_step) * (rate[0] or 0.0)
         return new_state, new_step
 
     try:
@@ -308,6 +340,8 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
                 preempted = True
                 break
             t0 = time.perf_counter()
+            if not compiled:
+                goodput.startup_s = t0 - goodput.start
             index = int(train_it.get_state()["next_batch"])
             batch = next(train_it)
             if index in skipped:
@@ -317,6 +351,7 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
             device_batch = step_lib.device_batch(batch, bshard, batch_size)
             t1 = time.perf_counter()
             window.data_s += t1 - t0
+            goodput.data_wait_s += t1 - t0
 
             if tr.profile_steps > 0 and step == int(tr.profile_start) and jax.process_index() == 0:
                 jax.profiler.start_trace(str(workdir / "profile"))
@@ -325,6 +360,7 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
             if not compiled:  # the first call traces and compiles synchronously
                 compiled, compile_s = True, time.perf_counter() - t1
                 window.excluded_s += compile_s
+                goodput.compile_s = compile_s
             step += 1
             window.entries.append((step, index, metrics))
             writer.advance()
@@ -353,6 +389,7 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
                         last_eval.update(_evaluate_cabin(cfg, state, *cabin_sets))
                     scalars.update({f"eval/{k}": v for k, v in last_eval.items()})
                     scalars["eval_time_s"] = time.perf_counter() - t_eval
+                    goodput.eval_s += scalars["eval_time_s"]
                 first_loss = scalars["loss"] if first_loss is None else first_loss
                 last_loss = scalars["loss"]
                 writer.write(step, scalars, CONSOLE_KEYS)
@@ -362,18 +399,26 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
                 save(step, force=True)
                 window.save_s += time.perf_counter() - t_save  # the loop's blocking part only
                 window.excluded_s += time.perf_counter() - t_save
+                goodput.checkpoint_s += time.perf_counter() - t_save
         if profiling:
             jax.profiler.stop_trace()
         # Final (or preemption) checkpoint: check the last steps first, never save a refused update.
         bad = window.first_non_finite()
         if bad is not None:  # only when stopped mid-window: go back to the last good state
             state, step = rollback(*bad)
+        t_save = time.perf_counter()
         saved = save(step, force=True)  # False when the policy already saved this step
         ckpt.wait()
+        goodput.checkpoint_s += time.perf_counter() - t_save
         if preempted:
             writer.event(step, f"preempted ({stop.reason}): checkpoint at step {step} on disk", reason=stop.reason)
         elif saved:
             writer.event(step, "final checkpoint saved", reason="end")
+        spent = goodput.report()
+        writer.event(step, f"goodput {spent['goodput']:.1%} of {spent['total_s']:.0f} s (startup "
+                           f"{spent['startup_s']:.0f} s, compile {spent['compile_s']:.0f} s, data wait "
+                           f"{spent['data_wait_s']:.0f} s, checkpoints {spent['checkpoint_s']:.1f} s, eval "
+                           f"{spent['eval_s']:.0f} s, rollbacks {spent['rollback_s']:.1f} s)", **spent)
     finally:
         ckpt.close()
         writer.close()
@@ -383,7 +428,7 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag) -> Summary:
     return Summary(step=step, first_loss=first_loss, last_loss=last_loss, eval=last_eval, preempted=preempted,
                    stop_reason=stop.reason if preempted else "", rollbacks=int(loop_state["rollbacks"]),
                    restored_from=restored_from, compile_s=compile_s,
-                   step_time_s=rate[0], samples_per_s=rate[1])
+                   step_time_s=rate[0], samples_per_s=rate[1], goodput=goodput.report())
 
 
 def _log_scalars(window: _Window, batch_size: int, flops: float,
