@@ -118,7 +118,8 @@ def test_meshes_agree_and_resume_onto_another_mesh(reference, tmp_path):
     # The 2x2x2 run saved at its stop; continue it here on 8x1x1.
     summary = loop.train(_cfg((8, 1, 1)), workdir, stop=loop.StopFlag(at_step=stop_at + 3))
     assert summary.restored_from == stop_at and summary.step == stop_at + 3
-    assert f"resumed from checkpoint {stop_at}" in _events(workdir)[-2]["event"]
+    resumed = [e["event"] for e in _events(workdir) if e["event"].startswith("resumed")]
+    assert f"resumed from checkpoint {stop_at}" in resumed[-1]
     got = _rows(workdir)
     for s in range(stop_at + 1, stop_at + 4):
         np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=2e-3, err_msg=f"resumed step {s}")
