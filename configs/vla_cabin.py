@@ -107,6 +107,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     m.text_pad_id, m.text_bos_id, m.text_eos_id = 0, 1, 2
     m.action_pad_id, m.action_eos_id, m.action_noop_id = 0, 1, 2
 
+    # LoRA on the modality encoders' Dense layers (vlacabin_jax/model/lora.py): each targeted layer
+    # computes x W + (alpha / rank) (x A) B, B zero at init; `tools.export` folds A B into W.
+    m.lora = ml_collections.ConfigDict()
+    m.lora.rank = 0  # adapter rank; 0: no adapters
+    m.lora.alpha = 16.0  # the adapter update is scaled by alpha / rank
+    # Comma-separated names of the encoders' Dense layers that get adapters: query, key, value, out
+    # (attention, pooling included), up, down (MLPs), proj (text/video input projections), mean,
+    # logvar (Gaussian heads).
+    m.lora.targets = "query,key,value,out,up,down"
+
     lo = c.loss = ml_collections.ConfigDict()
     lo.kl_weight = 1e-3  # KL of every Gaussian latent to N(0, I), after warm-up
     lo.kl_warmup_steps = 500  # linear warm-up of the KL weight from 0
@@ -120,6 +130,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     lo.explanation_weight = 1.0  # teacher-forced explanation cross-entropy
     lo.t_source_fraction = 0.5  # fraction of the batch trained at t = 0
     lo.t_beta = 3.0  # the rest draws t ~ Beta(1, t_beta), weighted toward the source end
+    # Preference alignment (stage `align`, vlacabin_jax/model/dpo.py): Diffusion-DPO on the DNFM
+    # velocity errors of chosen vs rejected action sequences against a frozen copy of the
+    # init_from DNFM. 0 in every other stage (they have no reference).
+    lo.dpo_weight = 0.0
+    lo.dpo_beta = 10.0  # DPO temperature on the per-sequence velocity errors (summed over positions)
 
     d = c.data = ml_collections.ConfigDict()
     d.text_len = {"tiny": 24, "small": 32, "base": 64, "a100x128": 96}[variant]  # text tokens
@@ -130,12 +145,17 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.world_seed = 0  # seed of the synthetic world: fixes the sample content (part of the DataHash)
     d.synthetic_size = 1_000_000  # train samples per epoch of the on-the-fly world (even over kinds)
     d.heldout_size = 2048  # heldout samples of the on-the-fly world (disjoint world indices)
-    d.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"  # sampling weight per data kind
+    # Sampling weight per data kind; stage `align` also reads the preference kinds `preference`
+    # (the synthetic world's pairs) and `preference_sim` (pairs in data.preference_dir).
+    d.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
     d.mixture_temperature = 1.0  # weights become w^(1/T), normalised; T > 1 flattens toward uniform
     d.num_workers = {"tiny": 0, "small": 0, "base": 8, "a100x128": 8}[variant]  # grain workers (0: threads)
     d.read_threads = 2  # threads per process (or per worker) reading and featurizing batches
     d.prefetch = {"tiny": 4, "small": 4, "base": 2, "a100x128": 1}[variant]  # batches buffered ahead
     d.verify_hashes = False  # sha256 every shard against the manifest on open (reads every byte)
+    # Simulator-scored preference pairs (`python -m tools.make_preferences`), the `preference_sim`
+    # kind of the mixture; "" = none.
+    d.preference_dir = ""
     # Text tokenizer directory (the anchor LM's, for imported anchors); "" = the packaged tiny one.
     d.tokenizer = ""
 
@@ -163,6 +183,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     tr.profile_steps = 0  # > 0: write a jax.profiler trace of that many steps to <workdir>/profile
     tr.profile_start = 10  # first step of the profiled window (after compilation)
     tr.init_from = ""  # checkpoint dir of an earlier stage: take its params (fresh optimizer, step 0)
+    # Which params train (the rest are frozen: no gradient, no optimizer state). "all": everything
+    # but the anchor (vit, lm). "lora_and_heads": the LoRA adapters (model.lora.rank > 0) and the
+    # heads after the LM -- connector with the z0 variational head, DNFM, explanation head; the
+    # encoders' base weights, bridge inputs, queries and reconstruction heads stay frozen (`align`).
+    tr.trainable = "all"
     tr.inject_nan_batch = -1  # TEST ONLY: poison this data batch index with NaN (-1: off)
 
     # AdamW on the trainable params (vlacabin_jax/train/optimizer.py).

@@ -26,12 +26,25 @@ def test_unknown_variant():
     (lambda c: c.loss.__setitem__("t_source_fraction", 1.5), "t_source_fraction = 1.5"),
     (lambda c: c.model.dnfm.__setitem__("vocab_size", 99), "data schema has"),
     (lambda c: c.model.bridge.connector.__setitem__("heads", 5), "connector.heads vs width"),
+    (lambda c: c.model.lora.__setitem__("rank", -1), "model.lora.rank = -1: must be >= 0"),
+    (lambda c: c.model.lora.update(rank=8, alpha=0.0), "model.lora.alpha = 0.0: must be > 0"),
+    (lambda c: c.model.lora.update(rank=8, targets="query,q_proj"), "unknown layer 'q_proj'"),
+    (lambda c: c.model.lora.update(rank=8, targets=" , "), "model.lora.targets is empty"),
+    (lambda c: c.train.__setitem__("trainable", "heads"), "train.trainable = 'heads': use one of all, "),
+    (lambda c: c.train.__setitem__("trainable", "lora_and_heads"), "set model.lora.rank > 0"),
 ])
 def test_bad_values_fail_with_one_clear_message(edit, message):
     cfg = get_config("tiny")
     edit(cfg)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(cfg)
+
+
+def test_lora_config_is_valid():
+    cfg = get_config("tiny")
+    cfg.model.lora.update(rank=8, alpha=16.0, targets="query, value,up,down,proj,mean,logvar")
+    cfg.train.trainable = "lora_and_heads"
+    validate(cfg)
 
 
 def test_wrong_type_is_named():

@@ -91,6 +91,31 @@ def check_model(cfg) -> list[str]:
             p.append(f"model.latent.{name} must be positive")
     if m.bridge.n_queries <= 0:
         p.append("model.bridge.n_queries must be positive")
+    return p + check_lora(cfg)
+
+
+def check_lora(cfg) -> list[str]:
+    """`model.lora` and the `train.trainable` switch that goes with it."""
+    from vlacabin_jax.model.lora import TARGETS, parse_targets
+
+    lo, p = cfg.model.lora, []
+    if lo.rank < 0:
+        p.append(f"model.lora.rank = {lo.rank}: must be >= 0 (0 turns LoRA off)")
+    if lo.alpha <= 0:
+        p.append(f"model.lora.alpha = {lo.alpha}: must be > 0 (the adapter scale is alpha / rank)")
+    targets = parse_targets(lo.targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        p.append(f"model.lora.targets = {lo.targets!r}: unknown layer {unknown[0]!r}; use a comma-separated "
+                 f"subset of {','.join(TARGETS)}")
+    elif lo.rank > 0 and not targets:
+        p.append(f"model.lora.targets is empty but model.lora.rank = {lo.rank}: name the layers, e.g. "
+                 "'query,key,value,out,up,down', or set rank 0")
+    if cfg.train.trainable not in TRAINABLE:
+        p.append(f"train.trainable = {cfg.train.trainable!r}: use one of {', '.join(TRAINABLE)}")
+    elif cfg.train.trainable == "lora_and_heads" and lo.rank <= 0:
+        p.append("train.trainable = 'lora_and_heads' needs adapters: set model.lora.rank > 0 "
+                 "(e.g. --config.model.lora.rank=8)")
     return p
 
 
@@ -131,6 +156,7 @@ def check_loss_and_data(cfg) -> list[str]:
 
 
 STAGES = ("joint", "pretrain", "sft", "align")
+TRAINABLE = ("all", "lora_and_heads")  # see train.trainable in configs/vla_cabin.py
 
 
 def check_train(cfg) -> list[str]:
@@ -138,9 +164,6 @@ def check_train(cfg) -> list[str]:
     t, o, ck, p = cfg.train, cfg.optim, cfg.checkpoint, []
     if t.stage not in STAGES:
         p.append(f"train.stage = {t.stage!r}: use one of {', '.join(STAGES)}")
-    elif t.stage == "align":
-        p.append("train.stage = 'align' (preference alignment) is not implemented yet in this version; "
-                 "train with stage 'pretrain' or 'sft'")
     for name in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
         if t[name] <= 0:
             p.append(f"train.{name} = {t[name]}: must be positive")
@@ -181,8 +204,53 @@ def check_train(cfg) -> list[str]:
     return p
 
 
+def check_align(cfg) -> list[str]:
+    """Preference alignment: the DPO loss, its pairs and its reference exist only in stage `align`."""
+    from vlacabin_jax.data.spec import MIX_KINDS, PREFERENCE_KINDS
+
+    lo, d, t, p = cfg.loss, cfg.data, cfg.train, []
+    mix = dict.fromkeys(MIX_KINDS, 0.0)
+    for part in filter(None, (x.strip() for x in d.mixture.split(","))):  # `pipeline.parse_mixture`'s format
+        name, _, value = (x.strip() for x in part.partition("="))
+        try:
+            mix[name] = float(value) if name in mix else float("nan")
+        except ValueError:
+            mix[name] = float("nan")
+        if not mix[name] >= 0:
+            return [f"data.mixture = {d.mixture!r}: {part!r} is not kind=weight with a kind of "
+                    f"{', '.join(MIX_KINDS)} and a weight >= 0"]
+    pairs = [k for k in PREFERENCE_KINDS if mix[k] > 0]
+    if t.stage == "align":
+        if not t.init_from:
+            p.append("train.stage = 'align' needs train.init_from=<the sft run's checkpoints/>: its DNFM is "
+                     "the frozen DPO reference and its params the start")
+        if lo.dpo_weight <= 0 or lo.dpo_beta <= 0:
+            p.append(f"stage align: loss.dpo_weight = {lo.dpo_weight} and loss.dpo_beta = {lo.dpo_beta} must be > 0")
+        if not pairs:
+            p.append(f"stage align: data.mixture = {d.mixture!r} has no preference pairs; add "
+                     f"preference=1 and/or preference_sim=1")
+    else:
+        if lo.dpo_weight != 0:
+            p.append(f"loss.dpo_weight = {lo.dpo_weight}: the DPO loss needs a reference model, which only "
+                     f"train.stage = 'align' keeps; set it to 0")
+        if pairs:
+            p.append(f"data.mixture reads preference pairs ({', '.join(pairs)}) but train.stage = "
+                     f"{t.stage!r}; pairs are for stage 'align'")
+    if mix["preference"] > 0 and d.source != "synthetic":
+        p.append("data.mixture kind 'preference' is the synthetic world's pairs and needs data.source = "
+                 "'synthetic'; use preference_sim pairs from `python -m tools.make_preferences` instead")
+    if mix["preference_sim"] > 0 and not os.path.isfile(os.path.join(d.preference_dir, "manifest.json")):
+        p.append(f"data.mixture reads preference_sim but data.preference_dir = {d.preference_dir!r} holds no "
+                 f"manifest.json; write pairs with `python -m tools.make_preferences`")
+    if d.preference_dir and mix["preference_sim"] == 0:
+        p.append(f"data.preference_dir = {d.preference_dir!r} is set but data.mixture gives preference_sim "
+                 f"no weight; add preference_sim=1 or leave it empty")
+    return p
+
+
 CHECKS: list[Callable[[ml_collections.ConfigDict], list[str]]] = [check_model, check_schema_sizes,
-                                                                   check_loss_and_data, check_train]
+                                                                   check_loss_and_data, check_train,
+                                                                   check_align]
 
 
 def validate(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> None:

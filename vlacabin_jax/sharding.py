@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vit_embed", None),
     ("embed_out", None),
     ("state_vocab", None),
+    ("lora", None),  # LoRA rank axis (a few entries): replicated
 )
 
 

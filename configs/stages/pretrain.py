@@ -1,7 +1,8 @@
 """Stage `pretrain`: align the modality latents on all four data kinds (DESIGN §3).
 
 `--config configs/stages/pretrain.py:tiny`. The multimodal VAE terms (KL, cross-modal InfoNCE,
-reconstruction) and the explanation/caption head train; the DNFM action terms are off.
+reconstruction) and the explanation/caption head train; the DNFM action terms are off. Everything
+but the anchor trains.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from configs.vla_cabin import get_config as base_config
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = base_config(variant)
     c.train.stage = "pretrain"
+    c.train.init_from = ""  # a fresh start (or an earlier pretrain run's checkpoints/)
+    c.train.trainable = "all"
     c.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
     c.loss.infonce_weight = 1.0
     c.loss.recon_weight = 1.0

@@ -1,8 +1,9 @@
 """Stage `sft`: actions + explanations on VLA turns (DESIGN §3).
 
 `--config configs/stages/sft.py:tiny --config.train.init_from=runs/pretrain/checkpoints` starts
-from the pretrain stage's weights (fresh optimizer, step 0). The DNFM terms and the explanation head
-train; the latent KL stays on as a regulariser, InfoNCE and reconstruction are off.
+from the pretrain stage's params (fresh optimizer, step 0; the loaded / new / dropped params are
+printed and logged to events.jsonl). The DNFM terms and the explanation head train; the latent KL
+stays on as a regulariser, InfoNCE and reconstruction are off. Everything but the anchor trains.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from configs.vla_cabin import get_config as base_config
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = base_config(variant)
     c.train.stage = "sft"
+    c.train.init_from = ""  # the pretrain run's checkpoints/ (set on the command line)
+    c.train.trainable = "all"
     c.data.mixture = "vla=1"
     c.loss.infonce_weight = 0.0
     c.loss.recon_weight = 0.0

@@ -61,7 +61,7 @@ def test_clipping_and_weight_decay_mask():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("train.stage", "align", "not implemented yet"),
+    ("train.stage", "align", "needs train.init_from"),
     ("train.stage", "rlhf", "train.stage"),
     ("train.eval_every", 7, "multiple of train.log_every"),
     ("optim.lr", -1.0, "optim.lr"),
@@ -86,5 +86,5 @@ def test_stage_configs_validate():
         validate(cfg)
         assert cfg.train.stage == stage
     assert sft.get_config("tiny").data.mixture == "vla=1"
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        validate(align.get_config("tiny"))
+    with pytest.raises(ConfigError, match="align' needs train.init_from"):
+        validate(align.get_config("tiny"))  # the sft run's checkpoint is its start and reference

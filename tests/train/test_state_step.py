@@ -100,7 +100,7 @@ def test_real_step_donates_state_and_keeps_metrics_on_device():
 
 # ---- accumulation and the non-finite guard, on the real step code with a cheap stand-in loss
 def _toy(monkeypatch, accum: int, batch_size: int = 32):
-    def toy_loss(params, frozen, batch, rngs, cfg, step):
+    def toy_loss(params, frozen, batch, rngs, cfg, step, reference=None):
         x = batch["state_numeric"]
         err = x @ params["w"] + params["b"] - x.sum(-1)
         loss = jnp.mean(err ** 2)
@@ -147,3 +147,23 @@ def test_non_finite_update_is_refused(monkeypatch):
     assert int(after.step) == 0
     jax.tree.map(np.testing.assert_array_equal, after.trainable, before.trainable)
     jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+
+
+def test_lora_and_heads_state_trains_adapters_and_heads_only():
+    """train.trainable = "lora_and_heads": moments only for adapters and heads; the frozen encoder
+    weights keep param_dtype, the anchor anchor_dtype; adapters shard and take weight decay."""
+    cfg = _cfg()
+    cfg.model.lora.rank = 4
+    cfg.train.trainable = "lora_and_heads"
+    abstract, shardings = state_lib.state_shardings(cfg, sharding.make_mesh(cfg.mesh))
+    assert set(abstract.trainable) == {"connector", "dnfm", "explanation", "speech_encoder", "text_encoder",
+                                       "video_encoder", "state_encoder"}
+    assert set(abstract.trainable["text_encoder"]["encoder"]["layers"]["attn"]["query"]) == {"lora_a", "lora_b"}
+    assert abstract.frozen["text_encoder"]["encoder"]["layers"]["attn"]["query"]["dense"]["kernel"].dtype == jnp.float32
+    assert abstract.frozen["lm"]["embedding"].dtype == jnp.dtype(cfg.model.anchor_dtype)
+    moments = [x for x in jax.tree.leaves(abstract.opt_state) if x.ndim > 0]
+    assert len(moments) == 2 * len(jax.tree.leaves(abstract.trainable))
+    lora_a = shardings.trainable["text_encoder"]["encoder"]["layers"]["mlp"]["up"]["lora_a"]
+    assert lora_a.spec == PartitionSpec(None, "fsdp", None)  # [layers, embed, rank]
+    mask = optimizer.decay_mask(abstract.trainable)
+    assert mask["text_encoder"]["encoder"]["layers"]["mlp"]["up"]["lora_b"] is True

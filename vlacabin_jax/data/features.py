@@ -11,6 +11,9 @@ Layout decisions:
 - explanation: `<bos> … <eos>` then `<pad>`; the mask covers `<bos>` through `<eos>`. An
   explanation longer than `explain_len` keeps its first `explain_len` tokens without `<eos>`
   (the generator's explanations fit the tiny variant's 24).
+- preference pairs (a sample with `chosen` and `rejected`): `action_tokens` holds the chosen answer,
+  `rejected_tokens` the rejected one (same layout), `has_pair` True and `has_actions` False; every
+  other sample has zero `rejected_tokens` and `has_pair` False.
 - text ids: `<pad>`/`<bos>`/`<eos>` are the model's ids (`cfg.model.text_*_id`); `<sep>` is the
   tokenizer's sep token (its eos when it has none).
 """
@@ -153,7 +156,14 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
         tags[_TAG_INDEX[t]] = True
     out["constraint_tags"] = tags
 
-    out["action_tokens"], out["has_actions"] = action_row(sample.get("actions"), m.action_len, vocab)
+    if sample.get("rejected") is not None:  # a preference pair: nothing to imitate, two to compare
+        out["action_tokens"] = action_row(sample["chosen"], m.action_len, vocab)[0]
+        out["rejected_tokens"] = action_row(sample["rejected"], m.action_len, vocab)[0]
+        out["has_actions"], out["has_pair"] = np.asarray(False), np.asarray(True)
+    else:
+        out["action_tokens"], out["has_actions"] = action_row(sample.get("actions"), m.action_len, vocab)
+        out["rejected_tokens"] = np.zeros((m.action_len,), np.int32)
+        out["has_pair"] = np.asarray(False)
 
     expl = sample.get("explanation")
     out["explanation_tokens"] = np.full((m.explain_len,), m.text_pad_id, np.int32)
@@ -183,8 +193,9 @@ def action_row(actions, action_len: int, vocab: ActionVocabulary) -> tuple[np.nd
 
 
 def featurize_pair(pair: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str, np.ndarray]:
-    """A preference pair → `featurize` of its context with the chosen actions, plus
-    `rejected_tokens` int32[action_len] (for the alignment stage)."""
-    out = featurize(dict(pair, actions=pair["chosen"]), cfg, tokenizer, vocab)
-    out["rejected_tokens"] = action_row(pair["rejected"], cfg.model.action_len, vocab)[0]
-    return out
+    """A preference pair (`world.preference_pair` or a `tools.make_preferences` record) →
+    `featurize` of its context with `action_tokens` = chosen, `rejected_tokens` = rejected,
+    `has_pair` True and `has_actions` False (the chosen side is compared, not imitated)."""
+    if pair.get("chosen") is None or pair.get("rejected") is None:
+        raise ValueError(f"sample {pair.get('sample_id')} is not a preference pair (no chosen/rejected)")
+    return featurize(pair, cfg, tokenizer, vocab)

@@ -35,7 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from vlacabin_jax.data import actions, features, records, shards, spec, world
+from vlacabin_jax.data import actions, features, preferences, records, shards, spec, world
 
 # First world index of the heldout split; train indices stay below it.
 HELDOUT_OFFSET = 1 << 31
@@ -45,13 +45,14 @@ STATE_VERSION = 1
 def parse_mixture(text: str) -> dict[str, float]:
     """Parses "vla=2,image_text=2,video_text=1,speech_text=1" into {kind: weight}.
 
-    Kinds left out get weight 0. Raises ValueError for unknown kinds or negative/no weight.
+    Kinds (`spec.MIX_KINDS`) left out get weight 0. Raises ValueError for unknown kinds or
+    negative/no weight.
     """
-    weights = {k: 0.0 for k in spec.KINDS}
+    weights = {k: 0.0 for k in spec.MIX_KINDS}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         if name.strip() not in weights:
-            raise ValueError(f"data.mixture: unknown kind {name.strip()!r}; kinds are {spec.KINDS}")
+            raise ValueError(f"data.mixture: unknown kind {name.strip()!r}; kinds are {spec.MIX_KINDS}")
         weights[name.strip()] = float(value)
     if any(w < 0 for w in weights.values()) or not any(weights.values()):
         raise ValueError(f"data.mixture {text!r}: weights must be >= 0 and not all 0")
@@ -119,11 +120,28 @@ def open_sources(cfg, split: str, source: str) -> tuple[dict[str, Any], dict[str
     Args:
       source: "synthetic" or a shard directory written by `tools.build_dataset`.
     Returns:
-      (manifest, {kind: source}); for "synthetic" the manifest is a description with no shards
-      whose `data_hash` identifies the generated data.
+      (manifest, {kind: source}) for every kind of `spec.MIX_KINDS`; for "synthetic" the manifest
+      is a description with no shards whose `data_hash` identifies the generated data. The
+      preference kinds: `preference` is the synthetic world's pairs (empty for shard sources),
+      `preference_sim` the pairs in `data.preference_dir` (empty when unset); when the mixture
+      reads the latter, its manifest hash joins the manifest (and so the DataHash).
     Raises:
       ValueError: the shards were generated with other sizes than `cfg` asks for.
     """
+    manifest, sources = _open_kinds(cfg, split, source)
+    sources["preference"] = (preferences.WorldPairSource(synthetic_params(cfg), len(sources["vla"]),
+                                                         HELDOUT_OFFSET if split == "heldout" else 0)
+                             if source == "synthetic" else [])
+    sources["preference_sim"] = []
+    pair_dir = cfg.data.preference_dir
+    if pair_dir and parse_mixture(cfg.data.mixture)["preference_sim"] > 0:
+        pair_manifest, sources["preference_sim"] = preferences.open_pairs(pair_dir, split)
+        manifest = dict(manifest, preference_pairs=shards.data_hash(pair_manifest))
+    return manifest, sources
+
+
+def _open_kinds(cfg, split: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`open_sources` for the four data kinds of `spec.KINDS`."""
     if split not in shards.SPLITS:
         raise ValueError(f"split {split!r}; choose one of {shards.SPLITS}")
     if source == "synthetic":
@@ -192,10 +210,10 @@ def sample_stream(cfg, sources: dict[str, Any], split: str, seed: int) -> grain.
       MapDataset whose element e is a sample dict; global batch g is elements [g*B, (g+1)*B).
     """
     weights = mixture_weights(cfg, {k: len(s) for k, s in sources.items()})
-    kinds = [k for k in spec.KINDS if weights[k] > 0]
-    # Seeds by position in KINDS, so a kind's order does not depend on which others are mixed in.
+    kinds = [k for k in spec.MIX_KINDS if weights[k] > 0]
+    # Seeds by position in MIX_KINDS, so a kind's order does not depend on which others are mixed in.
     parts = [grain.MapDataset.source(sources[k])
-             .shuffle(seed=_kind_seed(seed, split, spec.KINDS.index(k))).repeat() for k in kinds]
+             .shuffle(seed=_kind_seed(seed, split, spec.MIX_KINDS.index(k))).repeat() for k in kinds]
     return grain.MapDataset.mix(parts, [weights[k] for k in kinds])
 
 
@@ -307,7 +325,8 @@ def make_dataset(cfg, *, split: str = "train", process_index: int = 0, process_c
     manifest, sources = open_sources(cfg, split, source)
     weights = mixture_weights(cfg, {k: len(s) for k, s in sources.items()})
     stream = {"seed": int(seed), "split": split, "global_batch_size": int(global_batch_size),
-              "mixture": {k: round(w, 12) for k, w in weights.items()},
+              # The preference kinds only when mixed in: iterator states of other runs stay valid.
+              "mixture": {k: round(w, 12) for k, w in weights.items() if k in spec.KINDS or w > 0},
               "data_hash": shards.data_hash(manifest)}
     local = global_batch_size // process_count
     ds = (ProcessRows(sample_stream(cfg, sources, split, seed), global_batch_size, process_index, process_count)

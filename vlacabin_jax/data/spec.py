@@ -15,6 +15,13 @@ MODALITIES = ("speech", "text", "video", "state")
 # The four data kinds of the pre-training mix; `kind` holds the index.
 KINDS = ("vla", "image_text", "video_text", "speech_text")
 
+# Preference pairs (the `align` stage): a VLA turn with a chosen and a rejected answer, from the
+# synthetic world (`preference`) or sampled from a policy and scored in the cabin simulator
+# (`preference_sim`, `data.preference_dir`). Their samples are VLA turns (`kind` = "vla");
+# these names exist only in `data.mixture`.
+PREFERENCE_KINDS = ("preference", "preference_sim")
+MIX_KINDS = KINDS + PREFERENCE_KINDS
+
 
 def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of every batch field.
@@ -47,8 +54,12 @@ def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtyp
         "constraint_tags": ((b, m.bridge.n_constraint_tags), np.bool_),
         # Target action tokens: actions, <eos>, then <pad> to action_len.
         "action_tokens": ((b, m.action_len), np.int32),
-        # Whether the sample carries an action target (VLA kind) at all.
+        # Whether the sample carries an action target to imitate (VLA kind; not preference pairs).
         "has_actions": ((b,), np.bool_),
+        # Preference pairs: `action_tokens` holds the chosen answer, this the rejected one (same
+        # layout); `has_pair` marks the rows that are pairs (zeros / False elsewhere).
+        "rejected_tokens": ((b, m.action_len), np.int32),
+        "has_pair": ((b,), np.bool_),
         # Explanation tokens (<bos> ... <eos> <pad>...) and their mask.
         "explanation_tokens": ((b, m.explain_len), np.int32),
         "explanation_mask": ((b, m.explain_len), np.bool_),

@@ -2,6 +2,9 @@
 
     state = flax_to_torch(trainable, frozen, config)      # {torch name: float32 numpy array}
 
+LoRA adapters (`model.lora.rank > 0`) are folded into their base kernels first
+(`W + alpha / rank · A @ B`, `vlacabin_jax.model.lora.merge`): the mirror has no LoRA ops.
+
 The anchor rows come from `hf_import`'s key tables (the mirror's anchor uses Hugging Face names);
 the trainable rows are spelled out below, one function per Flax module. Strict both ways: every
 mirror tensor is produced exactly once with the mirror's shape, and every Flax param is either
@@ -27,6 +30,8 @@ import torch
 
 from vlacabin_jax.export.torch_model import VLACabinMirror, namespace
 from vlacabin_jax.hf_import import KeyRule, lm_key_table, vit_key_table
+from vlacabin_jax.model import lora
+from vlacabin_jax.model.functional import merge_params
 
 Params = Mapping[str, Any]
 
@@ -222,7 +227,8 @@ def flax_to_torch(trainable: Params, frozen: Params, config: Mapping[str, Any],
 
     Args:
       trainable, frozen: the two param groups of `functional.init_params` / a checkpoint (nested
-        dicts of numpy or JAX arrays; bf16 anchors are widened exactly).
+        dicts of numpy or JAX arrays; bf16 anchors are widened exactly); LoRA adapters in them are
+        merged into their kernels with the scale of `config["model"]["lora"]`.
       config: the mirror config (`config.json` contents; its "model" entry is read).
       dtype: numpy dtype of the output arrays (float32 keeps every value exactly).
     Returns:
@@ -230,7 +236,10 @@ def flax_to_torch(trainable: Params, frozen: Params, config: Mapping[str, Any],
     Raises:
       ConversionError listing missing, unknown and misshapen params.
     """
-    params = {**dict(trainable), **dict(frozen)}
+    params = merge_params(trainable, frozen)
+    adapters = lora.LoRA.from_config(config["model"])
+    if adapters.rank:  # without model.lora, stray adapters stay and are reported as unknown below
+        params = lora.merge(params, adapters.scale)
     flat = flat_paths(params)
     rules = rule_table(config["model"])
     shapes = mirror_shapes(config)
@@ -274,7 +283,7 @@ def flax_to_torch(trainable: Params, frozen: Params, config: Mapping[str, Any],
 def training_only(trainable: Params, frozen: Params) -> list[str]:
     """The Flax params the conversion leaves out on purpose ("/"-joined paths)."""
     ignore = re.compile("|".join(TRAINING_ONLY))
-    return sorted(p for p in ("/".join(k) for k in flat_paths({**dict(trainable), **dict(frozen)}))
+    return sorted(p for p in ("/".join(k) for k in flat_paths(merge_params(trainable, frozen)))
                   if ignore.fullmatch(p))
 
 

@@ -159,17 +159,19 @@ def check_vocabulary(vocab_json: str | dict | None, where: str) -> str:
 
 
 def abstract_params(cfg: Any) -> tuple[Any, Any]:
-    """ShapeDtypeStructs of (trainable, frozen) for `cfg` (frozen in the anchor dtype); no allocation."""
+    """ShapeDtypeStructs of (trainable, frozen) for `cfg` (the anchor in its dtype); no allocation."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from vlacabin_jax.model import functional
 
-    trainable, frozen = jax.eval_shape(lambda: functional.init_params(cfg, jax.random.key(0)))
-    anchor = jnp.dtype(cfg.model.anchor_dtype)
-    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, anchor), nn.unbox(frozen))
-    return nn.unbox(trainable), frozen
+    def init():
+        trainable, frozen = functional.init_params(cfg, jax.random.key(0))
+        return trainable, functional.cast_anchor(frozen, jnp.dtype(cfg.model.anchor_dtype))
+
+    trainable, frozen = jax.eval_shape(init)
+    return nn.unbox(trainable), nn.unbox(frozen)
 
 
 def _host_device():
@@ -231,7 +233,6 @@ def from_random_init(cfg: Any, seed: int = 0) -> ExportSource:
     from vlacabin_jax.model import functional
 
     trainable, frozen = functional.init_params(cfg, jax.random.key(seed))
-    anchor = jnp.dtype(cfg.model.anchor_dtype)
-    frozen = jax.tree.map(lambda x: np.asarray(x.astype(anchor)), nn.unbox(frozen))
+    frozen = jax.tree.map(np.asarray, functional.cast_anchor(nn.unbox(frozen), jnp.dtype(cfg.model.anchor_dtype)))
     return ExportSource(jax.tree.map(np.asarray, nn.unbox(trainable)), frozen, cfg, ActionVocabulary().to_json(),
                         {"origin": f"random-init(seed={seed})", "step": 0})

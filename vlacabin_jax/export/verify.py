@@ -101,7 +101,7 @@ class JaxReference:
             return {"z0": z0, "velocities": jnp.stack(velocities, axis=1), "x1": x1,
                     "action_logits": module.dnfm.logits(x1), "context": context}
 
-        params = {**self.trainable, **self.frozen}
+        params = functional.merge_params(self.trainable, self.frozen)
         self._intermediates = jax.jit(lambda p, b: model.apply({"params": p}, b, method=intermediates))
         self._infer = jax.jit(lambda t, f, b: functional.infer(t, f, b, cfg32, steps))
         self._params = params

@@ -8,6 +8,10 @@ state:  numeric and categorical fields → MLP tokens → attention pooling → 
 Speech and video tokens each cover a contiguous time segment, so the bridge can give them a
 temporal position; a segment with no valid frame is masked, as is every token of an absent
 modality.
+
+With `model.lora.rank > 0` the Dense layers named in `model.lora.targets` (attention query / key /
+value / out, MLP up / down, input `proj`, Gaussian `mean` / `logvar`) carry low-rank adapters
+(`vlacabin_jax.model.lora`); the speech convolutions, the state tables and norms do not.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlacabin_jax.model import layers
+from vlacabin_jax.model.lora import LoRA
 
 Dtype = Any
 
@@ -30,14 +35,15 @@ class GaussianHead(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [..., width] → (mean, logvar), each [..., features] float32."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
-        mean = layers.Dense(self.features, ("embed", "latent"), name="mean", **kw)(x)
+        mean = layers.Dense(self.features, ("embed", "latent"), name="mean", **kw, **self.lora.dense("mean"))(x)
         logvar = layers.Dense(self.features, ("embed", "latent"), name="logvar",
-                              kernel_init=nn.initializers.zeros_init(), **kw)(x)
+                              kernel_init=nn.initializers.zeros_init(), **kw, **self.lora.dense("logvar"))(x)
         return mean.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), -10.0, 10.0)
 
 
@@ -49,6 +55,7 @@ class AttentionPool(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -59,7 +66,8 @@ class AttentionPool(nn.Module):
         attn_mask = layers.attention_mask(None, mask, causal=False)
         pooled = layers.Attention(self.num_heads, width // self.num_heads, qkv_bias=True, out_bias=True,
                                   dtype=self.dtype, param_dtype=self.param_dtype,
-                                  implementation=self.attention_impl, name="attn")(queries, attn_mask, context=x)
+                                  implementation=self.attention_impl, lora=self.lora,
+                                  name="attn")(queries, attn_mask, context=x)
         return layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(pooled)
 
 
@@ -92,16 +100,29 @@ class _Common(nn.Module):
     def _kw(self) -> dict:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+    def _lora(self) -> LoRA:
+        return LoRA.from_config(self.cfg)
+
     def _encoder(self, name: str) -> layers.LayerStack:
         e = self.cfg.encoder
         return layers.LayerStack(
             layers.EncoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
             block_kwargs=dict(num_heads=e.heads, head_dim=e.width // e.heads, mlp_dim=e.mlp_dim,
-                              attention_impl=self.cfg.attention_impl or None, **self._kw()),
+                              attention_impl=self.cfg.attention_impl or None, lora=self._lora(), **self._kw()),
             name=name)
 
     def _gaussian(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return GaussianHead(self.cfg.latent.d_latent, name="gaussian", **self._kw())(x)
+        return GaussianHead(self.cfg.latent.d_latent, lora=self._lora(), name="gaussian", **self._kw())(x)
+
+    def _pool(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        return AttentionPool(self.cfg.latent.tokens_per_modality, self.cfg.encoder.heads, name="pool",
+                             attention_impl=self.cfg.attention_impl or None, lora=self._lora(),
+                             **self._kw())(x, mask)
+
+    def _proj(self, x: jax.Array, in_axis: str) -> jax.Array:
+        """Input projection [..., d_in] → [..., encoder width] (no bias)."""
+        return layers.Dense(self.cfg.encoder.width, (in_axis, "embed"), name="proj", **self._kw(),
+                            **self._lora().dense("proj"))(x)
 
 
 class SpeechEncoder(_Common):
@@ -132,11 +153,10 @@ class TextEncoder(_Common):
     @nn.compact
     def __call__(self, token_embeddings: jax.Array, text_mask: jax.Array):
         e = self.cfg.encoder
-        x = layers.Dense(e.width, ("lm_embed", "embed"), name="proj", **self._kw())(token_embeddings)
+        x = self._proj(token_embeddings, "lm_embed")
         x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
         x = self._encoder("encoder")(x, layers.attention_mask(None, text_mask, causal=False))
-        pooled = AttentionPool(self.cfg.latent.tokens_per_modality, e.heads, name="pool",
-                               attention_impl=self.cfg.attention_impl or None, **self._kw())(x, text_mask)
+        pooled = self._pool(x, text_mask)
         mean, logvar = self._gaussian(pooled)
         return mean, logvar, jnp.ones(mean.shape[:2], jnp.bool_)
 
@@ -147,7 +167,7 @@ class VideoEncoder(_Common):
     @nn.compact
     def __call__(self, frame_features: jax.Array, frame_mask: jax.Array):
         e = self.cfg.encoder
-        x = layers.Dense(e.width, ("vit_embed", "embed"), name="proj", **self._kw())(frame_features)
+        x = self._proj(frame_features, "vit_embed")
         x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
         x = self._encoder("temporal")(x, layers.attention_mask(None, frame_mask, causal=False))
         x = layers.LayerNorm(name="ln", **self._kw())(x)
@@ -176,10 +196,8 @@ class StateEncoder(_Common):
         cat_tokens = table(jnp.clip(categorical, 0, jnp.array(sizes) - 1) + offsets)
         x = jnp.concatenate([num_tokens, cat_tokens], axis=1)
         h = layers.LayerNorm(name="ln_mlp", **self._kw())(x)
-        x = x + layers.Mlp(e.mlp_dim, "gelu", name="mlp", **self._kw())(h)
-        mask = jnp.ones(x.shape[:2], jnp.bool_)
-        pooled = AttentionPool(self.cfg.latent.tokens_per_modality, e.heads, name="pool",
-                               attention_impl=self.cfg.attention_impl or None, **self._kw())(x, mask)
+        x = x + layers.Mlp(e.mlp_dim, "gelu", lora=self._lora(), name="mlp", **self._kw())(h)
+        pooled = self._pool(x, jnp.ones(x.shape[:2], jnp.bool_))
         mean, logvar = self._gaussian(pooled)
         return mean, logvar, jnp.ones(mean.shape[:2], jnp.bool_)
 

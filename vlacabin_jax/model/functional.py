@@ -1,15 +1,21 @@
 """The model's pure-function entry points over (trainable, frozen) param trees.
 
   init_params(cfg, rng)                                  -> (trainable, frozen), boxed with logical axes
-  loss_fn(params, frozen, batch, rngs, cfg, step=0)      -> (loss, metrics)
+  loss_fn(params, frozen, batch, rngs, cfg, step=0, reference=None) -> (loss, metrics); + DPO with a reference
   infer(params, frozen, batch, cfg, steps=None)          -> (action_tokens, explanation_tokens)
+  split_params(params, cfg) / merge_params(trainable, frozen)   full tree <-> the two groups
+  merge_lora(params, cfg)                                -> the full tree with adapters folded in
 
 All are `jax.jit`-able with `cfg` (and `steps`) static. Batches follow `vlacabin_jax.data.spec`.
+
+The split follows `train.trainable` leaf by leaf: the two groups are nested dicts with disjoint
+leaves (a module may have its base weights in `frozen` and its LoRA adapters in `trainable`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -17,8 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlacabin_jax.data.spec import zeros_batch
+from vlacabin_jax.model import dpo, lora
 from vlacabin_jax.model.losses import loss_terms
-from vlacabin_jax.model.vla_cabin import FROZEN_KEYS, VLACabin
+from vlacabin_jax.model.vla_cabin import ANCHOR_KEYS, HEAD_KEYS, VLACabin
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> VLACabin:
@@ -26,15 +33,59 @@ def build_model(cfg: ml_collections.ConfigDict) -> VLACabin:
     return VLACabin(cfg.model)
 
 
-def split_params(params: dict) -> tuple[dict, dict]:
-    """Full param tree → (trainable, frozen anchor)."""
-    trainable = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
-    frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}
-    return trainable, frozen
+def is_trainable(path: tuple[str, ...], trainable: str) -> bool:
+    """Whether the param at `path` (tuple of dict keys) gets gradients under `train.trainable`."""
+    if path[0] in ANCHOR_KEYS:
+        return False
+    if trainable == "all":
+        return True
+    if trainable == "lora_and_heads":
+        return path[0] in HEAD_KEYS or lora.is_adapter(path)
+    raise ValueError(f"train.trainable = {trainable!r}: use 'all' or 'lora_and_heads'")
 
 
-def merge_params(trainable: dict, frozen: dict) -> dict:
-    return {**trainable, **frozen}
+def _partition(tree: Mapping, keep: Callable[[tuple], bool], prefix: tuple = ()) -> tuple[dict, dict]:
+    """Nested dict → (leaves where `keep(path)`, the others); empty branches are left out."""
+    yes, no = {}, {}
+    for key, value in tree.items():
+        path = prefix + (key,)
+        if isinstance(value, Mapping):
+            a, b = _partition(value, keep, path)
+            if a:
+                yes[key] = a
+            if b:
+                no[key] = b
+        elif keep(path):
+            yes[key] = value
+        else:
+            no[key] = value
+    return yes, no
+
+
+def split_params(params: Mapping, cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """Full param tree (boxed or not) → (trainable, frozen) by `cfg.train.trainable`."""
+    mode = cfg.train.trainable
+    return _partition(params, lambda path: is_trainable(path, mode))
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+    """(trainable, frozen) → the full param tree (a deep union; the groups' leaves are disjoint)."""
+    out = dict(trainable)
+    for key, value in frozen.items():
+        out[key] = merge_params(out[key], value) if key in out else value
+    return out
+
+
+def cast_anchor(frozen: Mapping, dtype: Any) -> dict:
+    """`frozen` with the anchor groups (`vit`, `lm`) cast to `dtype` (boxed leaves stay boxed);
+    other frozen params (encoder base weights under LoRA) keep `model.param_dtype`."""
+    return {k: jax.tree.map(lambda x: x.astype(dtype), v) if k in ANCHOR_KEYS else v for k, v in frozen.items()}
+
+
+def merge_lora(params: Mapping, cfg: ml_collections.ConfigDict) -> dict:
+    """The full unboxed param tree with every LoRA adapter folded into its base kernel
+    (W + alpha / rank · A @ B); a model with `model.lora.rank = 0` gives the same outputs on it."""
+    return lora.merge(params, lora.LoRA.from_config(cfg.model).scale)
 
 
 def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, batch_size: int = 1) -> tuple[dict, dict]:
@@ -51,25 +102,34 @@ def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, batch_size: int 
         rngs = dict(zip(names, jax.random.split(rng, len(names))))
         return build_model(cfg).init(rngs, batch)["params"]
 
-    return split_params(init(rng))
+    return split_params(init(rng), cfg)
 
 
 def loss_fn(params: dict, frozen: dict, batch: dict, rngs: dict, cfg: ml_collections.ConfigDict,
-            step=0) -> tuple[jax.Array, dict]:
+            step=0, reference: dict | None = None) -> tuple[jax.Array, dict]:
     """Training loss with every term separately.
 
     Args:
-      params: trainable params (unboxed); frozen: the anchor params (unboxed, no gradient).
+      params: trainable params (unboxed); frozen: the other params (`split_params`; unboxed, no
+        gradient).
       batch: dict of `spec.batch_spec(cfg, batch)` arrays.
       rngs: {"latent": key, "flow": key}.
       step: scalar training step (KL warm-up).
+      reference: the frozen DPO reference ({"dnfm": params}, stage `align`): adds
+        `loss.dpo_weight` x the Diffusion-DPO loss on the batch's preference pairs (`dpo.py`).
     Returns:
       (scalar loss, metrics {name: scalar}).
     """
+    pairs = reference is not None
     out = build_model(cfg).apply(
         {"params": merge_params(params, jax.lax.stop_gradient(frozen))}, batch,
-        cfg.loss.t_source_fraction, cfg.loss.t_beta, rngs=rngs, method=VLACabin.train_outputs)
-    return loss_terms(out, batch, cfg, step)
+        cfg.loss.t_source_fraction, cfg.loss.t_beta, pairs, rngs=rngs, method=VLACabin.train_outputs)
+    loss, metrics = loss_terms(out, batch, cfg, step)
+    if pairs:
+        dpo_loss, dpo_metrics = dpo.preference_loss(out, batch, reference, cfg)
+        loss = loss + cfg.loss.dpo_weight * dpo_loss
+        metrics = dict(metrics, **dpo_metrics, loss=loss)
+    return loss, metrics
 
 
 def infer(params: dict, frozen: dict, batch: dict, cfg: ml_collections.ConfigDict,

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlacabin_jax.model.lora import LoRA
+
 Dtype = Any
 Axes = tuple[str | None, ...]
 
@@ -26,12 +28,16 @@ def logical(init: Callable, axes: Axes) -> Callable:
 
 
 class Dense(nn.Module):
-    """`DenseGeneral` whose kernel/bias carry logical axes.
+    """`DenseGeneral` whose kernel/bias carry logical axes, with an optional low-rank adapter.
 
     Attributes:
       features: output feature shape (int or tuple, e.g. (heads, head_dim)).
       kernel_axes: logical axes of the kernel, input axes first then output axes.
-      axis: input axes contracted (e.g. (-2, -1) for an attention output projection).
+      axis: input axes contracted (e.g. (-2, -1) for an attention output projection); trailing.
+      lora_rank: > 0 adds LoRA params `lora_a [in..., rank]` (fan-in normal init) and
+        `lora_b [rank, out...]` (zeros) and returns `x W + b + lora_scale · (x A) B`
+        (`vlacabin_jax.model.lora`).
+      lora_scale: alpha / rank of the adapter.
     """
 
     features: int | Sequence[int]
@@ -41,12 +47,14 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = default_kernel_init
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         out_axes = self.kernel_axes[-len(features):]
-        return nn.DenseGeneral(
+        y = nn.DenseGeneral(
             features=features if len(features) > 1 else features[0],
             axis=self.axis,
             use_bias=self.use_bias,
@@ -56,6 +64,25 @@ class Dense(nn.Module):
             bias_init=logical(nn.initializers.zeros_init(), out_axes),
             name="dense",
         )(x)
+        if self.lora_rank > 0:
+            y = y + self._adapter(x, features, out_axes)
+        return y
+
+    def _adapter(self, x: jax.Array, features: tuple[int, ...], out_axes: Axes) -> jax.Array:
+        """lora_scale · (x A) B: x [..., in...] → [..., out...] through rank `lora_rank`."""
+        n_in = 1 if isinstance(self.axis, int) else len(self.axis)
+        in_shape, in_axes = x.shape[x.ndim - n_in:], self.kernel_axes[:n_in]
+        r = self.lora_rank
+        # The rank axis is tiny: replicated (logical axis "lora"); the others shard like the kernel.
+        a = self.param("lora_a", logical(nn.initializers.variance_scaling(
+            1.0, "fan_in", "normal", in_axis=tuple(range(n_in)), out_axis=-1), in_axes + ("lora",)),
+            in_shape + (r,), self.param_dtype)
+        b = self.param("lora_b", logical(nn.initializers.zeros_init(), ("lora",) + out_axes),
+                       (r,) + features, self.param_dtype)
+        flat = x.reshape(x.shape[:x.ndim - n_in] + (-1,)).astype(self.dtype)
+        h = flat @ a.reshape(-1, r).astype(self.dtype)
+        out = (h @ b.reshape(r, -1).astype(self.dtype)).reshape(x.shape[:x.ndim - n_in] + features)
+        return (self.lora_scale * out).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -142,6 +169,7 @@ class Attention(nn.Module):
       head_dim: per-head width. use_bias: biases on q/k/v (Qwen2, SigLIP) and out (SigLIP).
       rope_theta: apply RoPE to q/k when set.
       implementation: passed to dot_product_attention (None = let JAX choose).
+      lora: low-rank adapters on the projections it targets (`query`, `key`, `value`, `out`).
     """
 
     num_heads: int
@@ -153,6 +181,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(
@@ -168,45 +197,52 @@ class Attention(nn.Module):
         embed = x.shape[-1]
         source = x if context is None else context
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias)
-        q = Dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
-        k = Dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(source)
-        v = Dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(source)
+        lo = self.lora
+        q = Dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw,
+                  **lo.dense("query"))(x)
+        k = Dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw,
+                  **lo.dense("key"))(source)
+        v = Dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw,
+                  **lo.dense("value"))(source)
         if self.rope_theta is not None:
             q = rope(q, positions, self.rope_theta)
             k = rope(k, positions, self.rope_theta)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         return Dense(
             embed, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=self.out_bias,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+            dtype=self.dtype, param_dtype=self.param_dtype, name="out", **lo.dense("out"),
         )(out)
 
 
 class Mlp(nn.Module):
-    """Feed-forward block: `gelu` (exact erf or tanh, two matrices) or `swiglu` (three)."""
+    """Feed-forward block: `gelu` (exact erf or tanh, two matrices) or `swiglu` (three).
+    `lora`: adapters on the matrices it targets (`up`, `down`; `gate` follows `up`)."""
 
     hidden: int
     kind: str = "gelu"  # gelu | gelu_tanh | swiglu
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
         if self.kind == "swiglu":
-            gate = Dense(self.hidden, ("embed", "mlp"), name="gate", **kw)(x)
-            up = Dense(self.hidden, ("embed", "mlp"), name="up", **kw)(x)
+            gate = Dense(self.hidden, ("embed", "mlp"), name="gate", **kw, **self.lora.dense("up"))(x)
+            up = Dense(self.hidden, ("embed", "mlp"), name="up", **kw, **self.lora.dense("up"))(x)
             h = nn.silu(gate) * up
         else:
-            h = Dense(self.hidden, ("embed", "mlp"), name="up", **kw)(x)
+            h = Dense(self.hidden, ("embed", "mlp"), name="up", **kw, **self.lora.dense("up"))(x)
             h = nn.gelu(h, approximate=self.kind == "gelu_tanh")
-        return Dense(x.shape[-1], ("mlp", "embed"), name="down", **kw)(h)
+        return Dense(x.shape[-1], ("mlp", "embed"), name="down", **kw, **self.lora.dense("down"))(h)
 
 
 class EncoderBlock(nn.Module):
     """Pre-LayerNorm bidirectional transformer block (encoders, connector).
 
-    `__call__(x, mask)` returns `(x, None)` so the block can be scanned.
+    `__call__(x, mask)` returns `(x, None)` so the block can be scanned. `lora`: adapters on the
+    attention and MLP matrices it targets (modality encoders only).
     """
 
     num_heads: int
@@ -215,15 +251,16 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(name="ln_attn", **kw)(x)
         x = x + Attention(self.num_heads, self.head_dim, qkv_bias=True, out_bias=True,
-                          implementation=self.attention_impl, name="attn", **kw)(h, mask)
+                          implementation=self.attention_impl, lora=self.lora, name="attn", **kw)(h, mask)
         h = LayerNorm(name="ln_mlp", **kw)(x)
-        x = x + Mlp(self.mlp_dim, "gelu", name="mlp", **kw)(h)
+        x = x + Mlp(self.mlp_dim, "gelu", lora=self.lora, name="mlp", **kw)(h)
         return x, None
 
 

@@ -1,8 +1,9 @@
 """The VLA-Cabin model: frozen anchor (ViT + LM), modality VAE, MetaQuery bridge, DNFM action
 generator and explanation head, as one Flax module with a training and an inference method.
 
-Params split in two top-level groups: `vit` and `lm` are the frozen anchor (no gradient, no
-optimizer state, stored in `anchor_dtype`); everything else is trainable.
+Params split in two groups (`functional.split_params`, by `train.trainable`): `vit` and `lm` are
+the frozen anchor (no gradient, no optimizer state, stored in `anchor_dtype`) in every mode; with
+"all" everything else trains, with "lora_and_heads" only the LoRA adapters and `HEAD_KEYS` do.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from vlacabin_jax.model import bridge, dnfm, encoders, explain
 from vlacabin_jax.model.lm import DecoderLM
 from vlacabin_jax.model.vit import VisionTransformer
 
-FROZEN_KEYS = ("vit", "lm")
+ANCHOR_KEYS = ("vit", "lm")  # the perception anchor: frozen always, stored in model.anchor_dtype
+# The heads that train beside the adapters under train.trainable = "lora_and_heads": everything
+# after the frozen LM (connector with the z0 variational head, DNFM, explanation head). The
+# preference objective acts on the DNFM's flow errors from z0, so these must adapt; the modules that
+# feed the LM (encoders, bridge inputs, queries) move only through the encoders' adapters, and the
+# reconstruction heads (no loss after pretrain) stay put rather than drift under weight decay.
+HEAD_KEYS = ("connector", "dnfm", "explanation")
 
 
 def _dtype(name: str):
@@ -103,9 +110,14 @@ class VLACabin(nn.Module):
         return self.connector(hidden[:, -queries.shape[1]:])
 
     # ----------------------------------------------------------------------------- training
-    def train_outputs(self, batch: dict, t_source_fraction: float, t_beta: float) -> dict:
+    def train_outputs(self, batch: dict, t_source_fraction: float, t_beta: float,
+                      with_rejected: bool = False) -> dict:
         """Everything the training losses need (`vlacabin_jax.model.losses`); uses rngs
-        `latent` (reparameterisation) and `flow` (time and step sampling)."""
+        `latent` (reparameterisation) and `flow` (time and step sampling).
+
+        `with_rejected` (static) adds the velocity on the path to `batch["rejected_tokens"]` from
+        the same z0 and t (`velocity_rejected`, `x1_rejected` [b, action_len, d_action]) for the
+        preference loss (`vlacabin_jax.model.dpo`)."""
         enc = self.encode(batch)
         eps = jax.random.normal(self.make_rng("latent"), enc["mean"].shape)
         latents = enc["mean"] + jnp.exp(0.5 * enc["logvar"]) * eps
@@ -139,10 +151,15 @@ class VLACabin(nn.Module):
         v_next_target = (x1 - x_next) / jnp.maximum(remaining, 1e-3)
 
         expl = batch["explanation_tokens"]
-        return {
+        extra = {}
+        if with_rejected:
+            x1_l = codebook[batch["rejected_tokens"]]
+            extra = {"x1_rejected": x1_l, "velocity_rejected": self.dnfm((1.0 - tb) * z0 + tb * x1_l, t)}
+        return extra | {
             "latent_mean": enc["mean"], "latent_logvar": enc["logvar"], "latent_mask": enc["mask"],
             "pooled": pooled, "recon": recon, "visual_target": enc["visual_target"],
             "z0_mean": z0_mean, "z0_logvar": z0_logvar,
+            "z0": z0, "t": t, "x1": x1,
             "velocity": v, "velocity_target": x1 - z0,
             "velocity_next": v_next, "velocity_next_target": v_next_target, "t_next": t_next,
             "endpoint_logits": self.dnfm.logits(x1_hat),
@@ -165,6 +182,21 @@ class VLACabin(nn.Module):
         expl = explain.greedy_decode(lambda tok: self.explanation(tok, context), z0_mean.shape[0],
                                      c.explain_len, c.text_bos_id, c.text_eos_id, c.text_pad_id)
         return actions, expl
+
+    def sample_actions(self, batch: dict, steps: int, noise_scale: float) -> jax.Array:
+        """Stochastic action sampling for preference data: action tokens [b, action_len] int32.
+
+        The DNFM sampler is deterministic given z0, so a draw is a draw of the variational noise:
+        latents and z0 are `mean + noise_scale · σ · ε` (rng `latent`); `noise_scale = 0` gives
+        `infer`'s actions.
+        """
+        enc = self.encode(batch)
+        k_lat, k_z0 = jax.random.split(self.make_rng("latent"))
+        latents = enc["mean"] + noise_scale * jnp.exp(0.5 * enc["logvar"]) * jax.random.normal(k_lat, enc["mean"].shape)
+        _, z0_mean, z0_logvar = self.context(batch, latents, enc["mask"])
+        z0 = z0_mean + noise_scale * jnp.exp(0.5 * z0_logvar) * jax.random.normal(k_z0, z0_mean.shape)
+        x1 = dnfm.euler_sample(self.dnfm, z0, steps)
+        return jnp.argmax(self.dnfm.logits(x1), axis=-1).astype(jnp.int32)
 
     def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         """Initialisation entry point: touches every submodule (training path)."""

@@ -40,6 +40,7 @@ from vlacabin_jax.eval import report as cabin_report
 from vlacabin_jax.model.flops import model_flops_per_sample
 from vlacabin_jax.sharding import MeshError
 from vlacabin_jax.train import checkpoint as ckpt_lib
+from vlacabin_jax.train import init_from as init_lib
 from vlacabin_jax.train import metrics as metrics_lib
 from vlacabin_jax.train import state as state_lib
 from vlacabin_jax.train import step as step_lib
@@ -47,7 +48,8 @@ from vlacabin_jax.train import step as step_lib
 # Shown on the console at every log line.
 CONSOLE_KEYS = ("loss", "endpoint_ce", "source_ce", "explanation_ce", "endpoint_action_acc", "grad_norm",
                 "learning_rate", "step_time_s", "samples_per_s", "data_wait_fraction", "mfu",
-                "eval/loss", "eval/endpoint_action_acc", "eval/success_rate", "eval/violation_rate")
+                "eval/loss", "eval/endpoint_action_acc", "eval/success_rate", "eval/violation_rate",
+                "dpo_loss", "dpo_margin", "dpo_accuracy", "eval/dpo_accuracy")
 
 
 class TrainingError(RuntimeError):
@@ -250,11 +252,15 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
     train_it = pipeline.make_dataset(cfg, split="train", **data_kw)
     initial_data_state = train_it.get_state()
 
+    init_reports: list[str] = []  # what train.init_from loaded, new, dropped (events.jsonl)
+
     def fresh_state():
         state, _ = state_lib.create_train_state(cfg, mesh)
         if tr.init_from:
-            trainable, frozen, _ = ckpt_lib.restore_params(tr.init_from, target)
-            state = state_lib.replace_params(state, trainable, frozen)
+            state, plan = init_lib.load(tr.init_from, state, shardings)
+            state = state_lib.reset_reference(state, shardings)  # align: the reference is the init
+            init_reports.append(f"init_from {tr.init_from}: {len(plan.loaded)} params "
+                                f"({plan.loaded_values / 1e6:.2f} M values) loaded\n{plan.summary()}")
         elif cfg.model.anchor_weights:
             state = state_lib.load_anchor(state, shardings, cfg.model.anchor_weights)
         return state
@@ -273,6 +279,8 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
         (workdir / "config.json").write_text(json.dumps(config_to_json_dict(cfg), indent=2, sort_keys=True))
 
     writer = metrics_lib.MetricsWriter(workdir, total, step)
+    for report in init_reports:
+        writer.event(step, report)
     if ckpt.quarantined:
         writer.event(step, f"moved incomplete checkpoints {ckpt.quarantined} to checkpoints.incomplete/")
     if restored is not None:

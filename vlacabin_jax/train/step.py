@@ -65,11 +65,17 @@ def _microbatches(batch: dict, accum: int, mesh: Mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
+def _reference(state: TrainState) -> dict | None:
+    """The frozen DPO reference of an align state (never differentiated: it is not an argument of
+    the gradient), None in the other stages (their `reference` is {})."""
+    return state.reference or None
+
+
 def _grads_and_metrics(cfg: ml_collections.ConfigDict, state: TrainState, batch: dict, mesh: Mesh,
                        grad_shardings: Any) -> tuple[Any, dict]:
     """Gradient of the mean microbatch loss w.r.t. `trainable`, and the mean metrics."""
     def loss(params, mb, rngs):
-        return functional.loss_fn(params, state.frozen, mb, rngs, cfg, state.step)
+        return functional.loss_fn(params, state.frozen, mb, rngs, cfg, state.step, _reference(state))
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     accum = int(cfg.train.grad_accum_steps)
@@ -152,7 +158,8 @@ def make_eval_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         rngs = _step_rngs(state.rng, jnp.int32(-1), 0)  # the same noise at every evaluation
-        _, metrics = functional.loss_fn(state.trainable, state.frozen, batch, rngs, cfg, after_warmup)
+        _, metrics = functional.loss_fn(state.trainable, state.frozen, batch, rngs, cfg, after_warmup,
+                                        _reference(state))
         return {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings(cfg, mesh)),
