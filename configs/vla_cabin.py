@@ -188,6 +188,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # heads after the LM -- connector with the z0 variational head, DNFM, explanation head; the
     # encoders' base weights, bridge inputs, queries and reconstruction heads stay frozen (`align`).
     tr.trainable = "all"
+    # Write each process's sample ids per step to <workdir>/sample_ids/p<i>.jsonl (audits that
+    # processes read disjoint slices of every global batch; small, but one row per step).
+    tr.log_sample_ids = False
     tr.inject_nan_batch = -1  # TEST ONLY: poison this data batch index with NaN (-1: off)
 
     # AdamW on the trainable params (vlacabin_jax/train/optimizer.py).
@@ -206,5 +209,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     ck.interval_minutes = 120.0  # save when this much time has passed since the last save
     ck.every_steps = 0  # also save every N steps (0: off)
     ck.keep = 3  # newest checkpoints kept on disk
+    # sha256 of every checkpoint file (hashed in the background after each save); a restore skips
+    # and moves aside a checkpoint whose files no longer match (bit flips, truncation).
+    ck.checksums = True
     ck.async_save = True  # write in a background thread; the loop blocks only for device->host copy
     return c

@@ -8,7 +8,8 @@ Compiled programs are cached in `<workdir>/jax_cache` (or `--jax_cache_dir`, or 
 `VLACABIN_JAX_CACHE` environment variable), so a restart does not compile again.
 
 Exit codes: 0 done or preempted-and-saved (SIGTERM), 2 unusable input (config, mesh, workdir,
-checkpoint) with one `error: ...` line on stderr, 1 training failure.
+checkpoint) with one `error: ...` line on stderr, 1 training failure (non-finite losses, a checkpoint
+that could not be written) with one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "Stop (checkpoint, exit 0) once this step is reached: "
                                 "runs part of a schedule without changing the config (benchmarks, tests).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process runs: a process that sends no "
+                                  "heartbeat for this long counts as dead and the run stops with an error "
+                                  "(JAX's coordination service; a hung peer would otherwise block collectives).")
 _CACHE = flags.DEFINE_string("jax_cache_dir", None, "Persistent compilation cache; default "
                              "$VLACABIN_JAX_CACHE or <workdir>/jax_cache; 'none' disables it.")
 
@@ -90,9 +94,10 @@ def _initialize_distributed() -> None:
     if reason == "--coordinator_address":
         if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
             fail("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   heartbeat_timeout_seconds=_HEARTBEAT.value)
     else:  # SLURM and TPU pods are detected by JAX itself
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
     logging.info("jax.distributed initialised (%s): process %d of %d", reason, jax.process_index(),
                  jax.process_count())
 
@@ -122,7 +127,7 @@ def main(argv: list[str]) -> None:
     from vlacabin_jax.hf_import import HFImportError
     from vlacabin_jax.sharding import MeshError
     from vlacabin_jax.train import loop
-    from vlacabin_jax.train.checkpoint import CheckpointError
+    from vlacabin_jax.train.checkpoint import CheckpointError, SaveError
 
     cfg = _CONFIG.value
     try:  # config_flags reports a config file that failed to load on first use
@@ -141,7 +146,7 @@ def main(argv: list[str]) -> None:
         summary = loop.train(cfg, _WORKDIR.value, stop=loop.StopFlag(at_step=_STOP_AT.value))
     except (ConfigError, MeshError, loop.WorkdirError, CheckpointError, HFImportError) as e:
         fail(str(e))
-    except loop.TrainingError as e:
+    except (loop.TrainingError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     status = (f"stopped ({summary.stop_reason}), checkpoint saved" if summary.preempted else "done")

@@ -7,8 +7,10 @@ processes together, preemption agreement) exercised without a cluster.
 
 Everything after `--` goes to every process unchanged. Output lines are prefixed with `[p<i>]`.
 SIGTERM/SIGINT are forwarded to every process (each saves and exits 0). The exit status is the
-first non-zero one of the processes (0 when all succeed); if one process fails, the others are
-terminated rather than left waiting on collectives.
+first non-zero one of the processes (0 when all succeed). If one process fails, the others are
+killed at once: they cannot finish a step or a checkpoint without it, only wait on collectives.
+The last line then names the process and the cause, e.g. a peer that stopped sending heartbeats
+(hung or frozen: JAX's coordination service stops the run after `--heartbeat_timeout_s`).
 """
 
 from __future__ import annotations
@@ -46,19 +48,57 @@ def commands(processes: int, port: int, launch_args: list[str]) -> list[list[str
              f"--num_processes={processes}", f"--process_id={i}"] for i in range(processes)]
 
 
-def _pump(index: int, stream, out) -> None:
-    for line in iter(stream.readline, ""):
-        out.write(f"[p{index}] {line}")
-        out.flush()
+class _Output:
+    """Relays the processes' lines with a `[p<i>]` prefix and remembers why the run failed."""
+
+    def __init__(self, out):
+        self.out, self.lock = out, threading.Lock()
+        self.unhealthy: list[str] = []  # the coordination service's list of silent processes
+        self.errors: dict[int, str] = {}  # each process's last `error: ...` line
+
+    def pump(self, index: int, stream) -> None:
+        expect_ids = False
+        for line in iter(stream.readline, ""):
+            with self.lock:
+                self.out.write(f"[p{index}] {line}")
+                self.out.flush()
+            if expect_ids and line.strip().replace(",", " ").replace(" ", "").isdigit():
+                self.unhealthy = line.strip().replace(",", " ").split()
+            expect_ids = "stopped sending heartbeats" in line
+            if line.startswith("error: "):
+                self.errors[index] = line.strip()
 
 
-def run(processes: int, devices: int, launch_args: list[str], grace_s: float = 60.0) -> int:
+def describe(code: int) -> str:
+    """An exit status in words ("exit status 1", "signal SIGKILL")."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def failure_line(index: int, code: int, output: _Output) -> str:
+    """The one line that says why a multi-process run stopped; `index` failed first with `code`."""
+    if index in output.errors:
+        return f"{output.errors[index]} (process {index})"
+    if code == -signal.SIGABRT and output.unhealthy:  # aborted by the coordination service
+        return (f"error: process {', '.join(output.unhealthy)} stopped sending heartbeats (hung, frozen or cut "
+                f"off), so the coordination service stopped the run; restart it to resume from the newest "
+                f"checkpoint")
+    return (f"error: process {index} died ({describe(code)}); the others were stopped; restart the run to "
+            f"resume from the newest complete checkpoint")
+
+
+def run(processes: int, devices: int, launch_args: list[str]) -> int:
     """Starts the processes, relays their output and signals; returns the exit status."""
     port = free_port()
     env = process_env(devices)
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1) for cmd in commands(processes, port, launch_args)]
-    pumps = [threading.Thread(target=_pump, args=(i, p.stdout, sys.stdout), daemon=True) for i, p in enumerate(procs)]
+    output = _Output(sys.stdout)
+    pumps = [threading.Thread(target=output.pump, args=(i, p.stdout), daemon=True) for i, p in enumerate(procs)]
     for t in pumps:
         t.start()
 
@@ -69,25 +109,26 @@ def run(processes: int, devices: int, launch_args: list[str], grace_s: float = 6
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status = 0
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed and not status:
-                status = failed[0]
-                # A dead peer leaves the others blocked in collectives: stop them.
-                deadline = time.monotonic() + grace_s
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                for p in procs:
+        first_failed = None
+        while True:
+            running = [p.poll() is None for p in procs]  # every process polled, every time
+            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed and first_failed is None:
+                # A peer's death makes the coordination service abort the others (SIGABRT) within
+                # moments: among processes found dead together, the cause is one that was not aborted.
+                first_failed = min(failed, key=lambda i: procs[i].returncode == -signal.SIGABRT)
+                for p in procs:  # SIGKILL also ends a stopped (hung) process
                     if p.poll() is None:
                         p.kill()
-            time.sleep(0.2)
+            if not any(running):
+                break
+            time.sleep(0.1)
         for t in pumps:
             t.join(timeout=5)
-        return status or next((p.returncode for p in procs if p.returncode), 0)
+        if first_failed is None:
+            return 0
+        print(failure_line(first_failed, procs[first_failed].returncode, output), file=sys.stderr, flush=True)
+        return procs[first_failed].returncode if procs[first_failed].returncode > 0 else 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -123,11 +123,12 @@ def _cfg(out):
 
 
 def test_small_export_end_to_end(tmp_path_factory):
-    """The `small` config: a checkpoint of a short real training run exports and verifies."""
+    """The `small` config: a checkpoint in the trainer's format (fresh params with noise, see
+    `train_and_save`) exports and verifies."""
     from tests.export.conftest import trained_checkpoint
     from vlacabin_jax.export.source import from_checkpoint
 
-    checkpoint = trained_checkpoint(tmp_path_factory, "small", steps=3)
+    checkpoint = trained_checkpoint(tmp_path_factory, "small", steps=0)
     out = tmp_path_factory.mktemp("small") / "exported"
     report = export(checkpoint, out, latency_runs=10, trt=True, log=lambda line: None)
     assert report["verification"]["passed"], report["verification"]["failures"]

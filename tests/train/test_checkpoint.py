@@ -159,3 +159,63 @@ def test_restore_params_for_a_new_stage(tmp_path):
     np.testing.assert_array_equal(np.asarray(frozen["emb"]), np.asarray(state.frozen["emb"]))
     with pytest.raises(ckpt_lib.CheckpointError, match="no complete checkpoint"):
         ckpt_lib.restore_params(tmp_path / "missing", target)
+
+
+def _saved_steps(path, steps, state):
+    ck = _checkpointer(path)
+    for step in steps:
+        ck.save(step, state, {"next_batch": step}, force=True)
+        ck.wait()  # finished, with its checksums
+    ck.close()
+
+
+def _largest_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_flip_bit, _truncate])
+def test_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, damage):
+    state, shardings = _state(_mesh((8, 1, 1)))
+    _saved_steps(tmp_path / "ckpt", (4, 8), state)
+    sums = json.loads((tmp_path / "ckpt" / "8" / ckpt_lib.CHECKSUMS).read_text())
+    assert "_CHECKPOINT_METADATA" in sums and any(name.startswith("state/") for name in sums)
+    damage(_largest_file(tmp_path / "ckpt" / "8"))
+    ck = _checkpointer(tmp_path / "ckpt")
+    assert list(ck.damaged) == [8] and "does not match its sha256" in ck.damaged[8]
+    assert ck.steps() == [4] and [p.name.split("-")[0] for p in (tmp_path / "ckpt.damaged").iterdir()] == ["8"]
+    assert ck.restore_latest(state_lib.abstract_with_shardings(state, shardings)).step == 4
+    # Step 8 can be written again (the damaged copy no longer holds its name).
+    assert ck.save(8, state, {"next_batch": 8}, force=True)
+    ck.close()
+
+
+def test_unverified_unreadable_checkpoint_falls_back_and_all_damaged_is_an_error(tmp_path):
+    state, shardings = _state(_mesh((8, 1, 1)))
+    target = state_lib.abstract_with_shardings(state, shardings)
+    _saved_steps(tmp_path / "ckpt", (4, 8), state)
+    # No checksums (a save killed before they were written), and Orbax's data truncated to nothing.
+    (tmp_path / "ckpt" / "8" / ckpt_lib.CHECKSUMS).unlink()
+    _largest_file(tmp_path / "ckpt" / "8").write_bytes(b"")
+    ck = _checkpointer(tmp_path / "ckpt")
+    assert not ck.damaged and ck.steps() == [4, 8]
+    assert ck.restore_latest(target).step == 4
+    assert list(ck.damaged) == [8] and ck.steps() == [4]
+    ck.close()
+    # Every remaining checkpoint damaged: one clear error, nothing restored, the files kept aside.
+    _flip_bit(_largest_file(tmp_path / "ckpt" / "4"))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"every checkpoint in .* is damaged \(step 4: file state/"):
+        _checkpointer(tmp_path / "ckpt")
+    assert not any(p.name.isdigit() for p in (tmp_path / "ckpt").iterdir())
+    assert len(list((tmp_path / "ckpt.damaged").iterdir())) == 2
+    with pytest.raises(ckpt_lib.CheckpointError, match="no complete checkpoint"):
+        ckpt_lib.restore_params(tmp_path / "ckpt", target)

@@ -1,5 +1,7 @@
-"""`python -m launch.local`: the per-process command lines and environment (the 2-process run
-itself is exercised by hand and in the multi-host issue; it compiles for minutes on 2 cores)."""
+"""`python -m launch.local`: the per-process command lines, environment and failure reports
+(real 2-process runs, kills and a frozen peer: tests/train/test_multiprocess.py)."""
+
+import io
 
 import pytest
 
@@ -25,3 +27,21 @@ def test_trainer_flags_are_required(capsys):
     assert e.value.code == 2 and "give the trainer's flags after --" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         local.main(["--processes", "0", "--", "--config", "c.py:tiny", "--workdir", "w"])
+
+
+def test_failure_line_names_the_process_and_the_cause():
+    out = local._Output(io.StringIO())
+    lines = io.StringIO("step 3: loss=1\nE1201 The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
+                        "The tasks have crashed.\n")
+    out.pump(0, lines)
+    assert out.out.getvalue().startswith("[p0] step 3: loss=1\n[p0] E1201 ") and out.unhealthy == ["1"]
+    assert local.failure_line(0, -6, out).startswith("error: process 1 stopped sending heartbeats")
+    # Killed rather than frozen: process 0 is aborted by the coordination service all the same.
+    assert local.failure_line(1, -9, out).startswith("error: process 1 died (signal SIGKILL)")
+
+    out = local._Output(io.StringIO())
+    out.pump(1, io.StringIO("error: writing a checkpoint to /x failed (disk full)\n"))
+    assert local.failure_line(1, 1, out) == "error: writing a checkpoint to /x failed (disk full) (process 1)"
+    assert local.failure_line(0, -9, local._Output(io.StringIO())).startswith(
+        "error: process 0 died (signal SIGKILL); the others were stopped")
+    assert local.describe(3) == "exit status 3"

@@ -1,71 +1,28 @@
-"""The training loop end to end on 8 simulated CPU devices: the loss falls, meshes agree,
-kill-and-resume is exact, SIGTERM saves and exits 0, a NaN rolls back, resume onto another mesh.
+"""The training loop end to end on 8 simulated CPU devices: the loss falls, meshes agree, a NaN
+rolls back, resume onto another mesh. Signals, kills and multi-process runs: test_multiprocess.py.
 
-Every run uses the same config (only the mesh differs), so the compiled programs are shared through
-the session's persistent compilation cache, also with the `python -m launch` subprocesses.
-
-Note on XLA:CPU: with 8 simulated devices on a 2-core machine, the 2x4x1 and 2x2x2 steps
+Note on XLA:CPU: with 8 simulated devices on a 2-core machine, multi-axis meshes such as 2x2x2
 (hundreds of all-to-alls) can deadlock inside XLA's CPU runtime: devices running independent
 collectives concurrently take all of the client's threads and the remaining devices never start;
-XLA then aborts the process. So those meshes run as `python -m launch` subprocesses that are
-resumed from their last checkpoint when XLA aborts them (a resume continues a run exactly).
+XLA then aborts the process. So that mesh runs as a `python -m launch` subprocess that is resumed
+from its last checkpoint when XLA aborts it (a resume continues a run exactly).
 """
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from configs.vla_cabin import get_config
+from tests.train import runs
+from tests.train.runs import STEPS
 from vlacabin_jax.train import checkpoint as ckpt_lib
 from vlacabin_jax.train import loop
 
-REPO = Path(__file__).resolve().parents[2]
-# One worker runs this file under `pytest -n` with `--dist loadgroup`/`loadfile`: the reference run
-# and the compiled programs are then shared by all its tests.
+# One worker runs this group (`--dist loadgroup`), so its in-process runs share compiled programs;
+# the reference run (tests/train/conftest.py) is computed once per session.
 pytestmark = pytest.mark.xdist_group("train_loop")
-STEPS = 80
-# The config of every run here, as command-line overrides (the subprocess tests use them verbatim).
-OVERRIDES = {"model.dtype": "float32", "train.steps": STEPS, "train.global_batch_size": 16,
-             "train.log_every": 1, "train.eval_every": 0, "optim.warmup_steps": 10}
-
-
-def _cfg(mesh=(8, 1, 1), **extra):
-    cfg = get_config("tiny")
-    for key, value in {**OVERRIDES, **extra}.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
-    return cfg
-
-
-def _rows(workdir) -> dict[int, dict]:
-    """metrics.jsonl by step; a step written again (resume, rollback) counts with its last row."""
-    rows = {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
-
-
-def _events(workdir) -> list[dict]:
-    path = Path(workdir) / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted run on the 8x1x1 mesh, with evaluation."""
-    workdir = tmp_path_factory.mktemp("reference")
-    summary = loop.train(_cfg(**{"train.eval_every": 40, "train.eval_batches": 2,
-                                 "train.eval_cabin_samples": 16}), workdir)
-    return workdir, summary, _rows(workdir)
 
 
 def test_loss_falls_and_workdir_contract(reference):
@@ -102,40 +59,40 @@ def test_loss_falls_and_workdir_contract(reference):
     assert 0.0 < g["goodput"] < 1.0 and g["rollback_s"] == 0.0
     assert min(g["startup_s"], g["compile_s"], g["checkpoint_s"], g["eval_s"]) > 0.0
     assert any(e["event"].startswith("goodput") and e["goodput"] == pytest.approx(g["goodput"], abs=0.05)
-               for e in _events(workdir))
+               for e in runs.events(workdir))
     print("goodput: " + ", ".join(f"{k}={v:.2f}" for k, v in g.items()))
 
 
-def test_meshes_agree_and_resume_onto_another_mesh(reference, tmp_path):
+def test_mesh_agrees_and_resume_onto_another_mesh(reference, tmp_path):
+    """2x2x2 shards the batch over data and fsdp, params over fsdp and tensor: the losses of
+    8x1x1 within float tolerance; its checkpoint then continues on 8x1x1."""
     _, _, want = reference
-    stop_at = 4
-    for mesh in ((2, 4, 1), (2, 2, 2)):
-        workdir = tmp_path / "x".join(map(str, mesh))
-        _run_until_done(workdir, mesh, stop_at)
-        got = _rows(workdir)
-        for s in range(1, stop_at + 1):
-            np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=2e-4, err_msg=f"{mesh} step {s}")
-    # The 2x2x2 run saved at its stop; continue it here on 8x1x1.
-    summary = loop.train(_cfg((8, 1, 1)), workdir, stop=loop.StopFlag(at_step=stop_at + 3))
+    stop_at, mesh = 4, (2, 2, 2)
+    workdir = tmp_path / "2x2x2"
+    _run_until_done(workdir, mesh, stop_at)
+    got = runs.rows(workdir)
+    for s in range(1, stop_at + 1):
+        np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=2e-4, err_msg=f"{mesh} step {s}")
+    summary = loop.train(runs.config((8, 1, 1)), workdir, stop=loop.StopFlag(at_step=stop_at + 3))
     assert summary.restored_from == stop_at and summary.step == stop_at + 3
-    resumed = [e["event"] for e in _events(workdir) if e["event"].startswith("resumed")]
+    resumed = [e["event"] for e in runs.events(workdir) if e["event"].startswith("resumed")]
     assert f"resumed from checkpoint {stop_at}" in resumed[-1]
-    got = _rows(workdir)
+    got = runs.rows(workdir)
     for s in range(stop_at + 1, stop_at + 4):
         np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=2e-3, err_msg=f"resumed step {s}")
 
 
 def test_nan_batch_rolls_back_and_is_skipped(reference, tmp_path):
     _, _, want = reference
-    cfg = _cfg(**{"train.inject_nan_batch": 6, "checkpoint.every_steps": 4, "train.log_every": 2,
+    cfg = runs.config(**{"train.inject_nan_batch": 6, "checkpoint.every_steps": 4, "train.log_every": 2,
                   "train.profile_steps": 2, "train.profile_start": 2})
     summary = loop.train(cfg, tmp_path / "nan", stop=loop.StopFlag(at_step=10))
     assert list((tmp_path / "nan" / "profile").rglob("*.xplane.pb"))  # jax.profiler trace of steps 2-3
     assert summary.rollbacks == 1 and summary.step == 10
     assert summary.goodput["rollback_s"] > 0.0
-    rollback = [e for e in _events(tmp_path / "nan") if "rolled back" in e["event"]]
+    rollback = [e for e in runs.events(tmp_path / "nan") if "rolled back" in e["event"]]
     assert len(rollback) == 1 and rollback[0]["restored"] == 4 and rollback[0]["bad_batch"] == 6
-    got = _rows(tmp_path / "nan")
+    got = runs.rows(tmp_path / "nan")
     # Replayed from checkpoint 4: steps 5-6 again, the same (rows here average 2 steps).
     assert got[6]["loss"] == pytest.approx((want[5]["loss"] + want[6]["loss"]) / 2, rel=1e-6)
     assert got[8]["loss"] != pytest.approx((want[7]["loss"] + want[8]["loss"]) / 2, rel=1e-3)  # batch 6 skipped
@@ -150,15 +107,6 @@ def test_nan_batch_rolls_back_and_is_skipped(reference, tmp_path):
     assert ckpt_lib.read_metadata(tmp_path / "nan_strict" / "checkpoints")["step"] == 4
 
 
-# ---------------------------------------------------------------- python -m launch subprocesses
-def _launch(workdir, extra_flags=(), env=None, **extra) -> subprocess.Popen:
-    flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "mesh.data": 8, **extra}.items()]
-    cmd = [sys.executable, "-m", "launch", "--config", "configs/vla_cabin.py:tiny", "--workdir", str(workdir),
-           *flags, *extra_flags]
-    log = open(Path(workdir).with_suffix(".log"), "a")
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
-
-
 def _run_until_done(workdir, mesh, stop_at: int, attempts: int = 6) -> None:
     """`python -m launch` on `mesh` up to step `stop_at`, checkpointing every step. XLA:CPU can abort
     a multi-axis mesh run with a collective deadlock (module docstring); the run is then resumed
@@ -169,65 +117,12 @@ def _run_until_done(workdir, mesh, stop_at: int, attempts: int = 6) -> None:
                " --xla_cpu_collective_call_terminate_timeout_seconds=10"
                " --xla_cpu_collective_call_warn_stuck_timeout_seconds=5")
     for _ in range(attempts):
-        proc = _launch(workdir, extra_flags=[f"--stop_at_step={stop_at}"], env=env,
-                       **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
-                          "checkpoint.every_steps": 1})
+        proc = runs.start(workdir, flags=[f"--stop_at_step={stop_at}"], env=env,
+                          **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                             "checkpoint.every_steps": 1})
         if proc.wait(timeout=600) == 0:
             return
-        log = Path(workdir).with_suffix(".log").read_text()
-        if "Termination timeout" not in log:
-            pytest.fail(f"{mesh} run failed:\n{log[-3000:]}")
-    pytest.skip(f"{mesh}: XLA:CPU deadlocked {attempts} times in a row on this machine (see the module "
+        if "Termination timeout" not in runs.log_of(workdir):
+            pytest.fail(f"{mesh} run failed:\n{runs.log_of(workdir)[-3000:]}")
+    pytest.fail(f"{mesh}: XLA:CPU deadlocked {attempts} times in a row on this machine (see the module "
                 f"docstring); {Path(workdir).with_suffix('.log')}")
-
-
-def _wait_for(proc, predicate, timeout=300.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"trainer exited early with {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail("timed out waiting for the trainer")
-
-
-def _latest_row_step(workdir) -> int:
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-def test_sigterm_saves_then_sigkill_and_resume_are_exact(reference, tmp_path):
-    _, _, want = reference
-    workdir = tmp_path / "run"
-    extra = {"checkpoint.every_steps": 4}
-
-    # 1. SIGTERM: save, wait, exit 0.
-    proc = _launch(workdir, **extra)
-    _wait_for(proc, lambda: _latest_row_step(workdir) >= 3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, workdir.with_suffix(".log").read_text()[-3000:]
-    saved = ckpt_lib.read_metadata(workdir / "checkpoints")["step"]
-    assert saved >= 3 and any(e["event"].startswith("preempted") for e in _events(workdir))
-
-    # 2. Resume, then SIGKILL from this (another) process once a later checkpoint is on disk.
-    proc = _launch(workdir, **extra)
-    _wait_for(proc, lambda: _latest_row_step(workdir) >= saved + 10)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    killed_at = _latest_row_step(workdir)
-
-    # 3. Run the same command again: it resumes and finishes.
-    proc = _launch(workdir, **extra)
-    assert proc.wait(timeout=600) == 0, workdir.with_suffix(".log").read_text()[-3000:]
-    resumed = [e["event"] for e in _events(workdir) if e["event"].startswith("resumed")]
-    assert len(resumed) == 2 and int(resumed[-1].split()[3]) < killed_at
-    got = _rows(workdir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    mismatched = [s for s in got if got[s]["loss"] != want[s]["loss"]]
-    assert not mismatched, f"losses differ from the uninterrupted run at steps {mismatched[:10]}"
-    assert "done: step 80" in workdir.with_suffix(".log").read_text()

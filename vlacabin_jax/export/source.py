@@ -64,14 +64,25 @@ def resolve_step_dir(path: str | Path) -> Path:
         missing = _complete(path)
         if missing:
             raise ExportInputError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-        return path
+        return _verified(path)
     steps = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()))
     complete = [s for s in steps if not _complete(path / str(s))]
     if not complete:
         detail = f" (incomplete steps: {steps})" if steps else ""
         raise ExportInputError(f"no complete checkpoint in {path}{detail}; pass <workdir>/checkpoints of a run "
                                "that saved at least once")
-    return path / str(complete[-1])
+    return _verified(path / str(complete[-1]))
+
+
+def _verified(step_dir: Path) -> Path:
+    """`step_dir` if its files match the checksums the trainer wrote (bit flips, truncation)."""
+    from vlacabin_jax.train.checkpoint import checksum_problem  # the trainer owns the format
+
+    problem = checksum_problem(step_dir)
+    if problem is not None:
+        raise ExportInputError(f"checkpoint {step_dir} is damaged: {problem}; export another step with "
+                               f"--checkpoint {step_dir.parent}/<step>")
+    return step_dir
 
 
 def _read_json_item(step_dir: Path, item: str) -> dict:

@@ -23,12 +23,20 @@ also saves the first step of a fresh run), `FixedIntervalPolicy(every_steps)` wh
 preemption policy (multi-host), and forced saves (SIGTERM, end of training). The last `keep` are
 kept. A step directory without Orbax's commit markers (a save killed midway) is moved to
 `<directory>.incomplete/` at start-up and never restored.
+
+Integrity (`checkpoint.checksums`): once Orbax has finished a step, the primary process writes the
+sha256 of each of its files to `<step>/vlacabin_checksums.json` in a background thread. At start-up
+the newest steps whose files do not match (bit flips, truncation) are moved to
+`<directory>.damaged/`, and so is a step Orbax cannot read; the run continues from the newest good
+one and says so in `events.jsonl`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -45,14 +53,21 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 import vlacabin_jax
 from vlacabin_jax.config import config_to_json_dict
 from vlacabin_jax.data import actions
+from vlacabin_jax.train import barrier
 
 ITEMS = ("state", "data", "config", "metadata")
 FORMAT = "vlacabin.checkpoint"
 FORMAT_VERSION = 1
+# sha256 of every file of a step, written by the primary process once Orbax has finished the step.
+CHECKSUMS = "vlacabin_checksums.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used for this run (other model shapes, other data)."""
+
+
+class SaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, storage errors); older ones are intact."""
 
 
 @dataclasses.dataclass
@@ -79,6 +94,54 @@ def code_revision() -> str:
         return "unknown"
 
 
+def file_checksums(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file under `step_dir` ({relative posix path: hex}), the checksum file excluded."""
+    sums = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        sums[path.relative_to(step_dir).as_posix()] = digest.hexdigest()
+    return sums
+
+
+def write_checksums(step_dir: Path) -> bool:
+    """Writes `step_dir/CHECKSUMS` atomically. False if that failed (the step was deleted meanwhile,
+    or the disk is full): the step then stays complete but unverified."""
+    tmp = step_dir / (CHECKSUMS + ".tmp")
+    try:
+        text = json.dumps(file_checksums(step_dir), indent=0, sort_keys=True)
+        tmp.write_text(text)
+        os.replace(tmp, step_dir / CHECKSUMS)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        return False
+
+
+def checksum_problem(step_dir: Path) -> str | None:
+    """Why `step_dir`'s files do not match its checksums (None: they match, or it has none yet:
+    a save killed after Orbax finished but before the hashes were written is still complete)."""
+    path = step_dir / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        want = json.loads(path.read_text())
+        assert isinstance(want, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        return f"{CHECKSUMS} is unreadable"
+    got = file_checksums(step_dir)
+    for name in sorted(set(want) | set(got)):
+        if name not in got:
+            return f"file {name} is missing"
+        if name not in want:
+            return f"file {name} was not part of the checkpoint"
+        if want[name] != got[name]:
+            return f"file {name} does not match its sha256 (truncated or modified)"
+    return None
+
+
 def _is_complete(step_dir: Path) -> bool:
     """Orbax finalised every item (markers written last, after the data)."""
     if not (step_dir / "_CHECKPOINT_METADATA").is_file():
@@ -86,23 +149,47 @@ def _is_complete(step_dir: Path) -> bool:
     return all((step_dir / item).is_dir() and any((step_dir / item).iterdir()) for item in ITEMS)
 
 
-def quarantine_incomplete(directory: Path) -> list[int]:
-    """Moves step directories that are not complete to `<directory>.incomplete/` (primary process).
+def _move_aside(step_dir: Path, kind: str) -> None:
+    target = step_dir.parent.parent / f"{step_dir.parent.name}.{kind}" / f"{step_dir.name}-{os.getpid()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(step_dir), str(target))
+
+
+def quarantine(directory: Path, verify: bool) -> tuple[list[int], dict[int, str], int | None]:
+    """Moves unusable step directories aside, so that they are never restored nor block a new save
+    of the same step: incomplete ones to `<directory>.incomplete/`, and (with `verify`) the newest
+    ones whose files fail their checksums to `<directory>.damaged/`, down to the first good one.
 
     Orbax writes into a temporary directory and renames it when done, so an incomplete step
-    directory comes from a foreign or damaged write; it is kept for inspection, never restored.
-    Returns the moved steps.
+    directory comes from a foreign or interrupted write. Kept for inspection, never deleted.
+    Every process decides the same (shared filesystem); the primary one moves, then all sync.
+    Returns (incomplete steps, {damaged step: reason}, the newest verified step or None).
     """
-    moved = []
-    if jax.process_index() != 0 or not directory.is_dir():
-        return moved
-    for child in sorted(directory.iterdir()):
-        if child.is_dir() and child.name.isdigit() and not _is_complete(child):
-            target = directory.parent / f"{directory.name}.incomplete" / f"{child.name}-{os.getpid()}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(child), str(target))
-            moved.append(int(child.name))
-    return moved
+    incomplete, damaged, good = [], {}, None
+    if directory.is_dir():
+        steps = sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+        for step in steps:
+            step_dir = directory / str(step)
+            if not _is_complete(step_dir):
+                incomplete.append(step)
+        for step in (s for s in steps if s not in incomplete) if verify else ():
+            problem = checksum_problem(directory / str(step))
+            if problem is None:
+                good = step
+                break
+            damaged[step] = problem
+        if jax.process_index() == 0:
+            for step in incomplete:
+                _move_aside(directory / str(step), "incomplete")
+            for step in damaged:
+                _move_aside(directory / str(step), "damaged")
+    barrier.wait_for_all_processes(f"checkpoint-quarantine-{directory}")
+    if damaged and good is None:  # never start a long run over from scratch without being told
+        first = max(damaged)
+        raise CheckpointError(f"every checkpoint in {directory} is damaged (step {first}: {damaged[first]}); "
+                              f"they were moved to {directory.name}.damaged/: restore a backup there, or run "
+                              f"again to start from scratch")
+    return sorted(incomplete), damaged, good
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -142,8 +229,15 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, cfg: ml_collections.ConfigDict, *,
                  mesh_shape: dict[str, int], data_hash: str, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self.quarantined = [] if read_only else quarantine_incomplete(self.directory)
         ck = cfg.checkpoint
+        self.verify = bool(ck.checksums)
+        self.quarantined, self.damaged, good = ([], {}, None) if read_only else quarantine(self.directory, self.verify)
+        self._verified = {good} if good is not None else set()
+        # The primary process hashes finished steps in the background (the loop never waits on it).
+        self._hasher = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256")
+                        if self.verify and not read_only and jax.process_index() == 0 else None)
+        self._unhashed: set[int] = set()  # saved by this run, checksums not yet queued
+        self._hashing: list[concurrent.futures.Future] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(ck.keep), enable_async_checkpointing=bool(ck.async_save) and not read_only,
             save_decision_policy=_policy(ck), create=not read_only, read_only=read_only,
@@ -161,7 +255,9 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------- saving
     def should_save(self, step: int) -> bool:
-        """Orbax's policy decision for `step` (host-only: no device sync)."""
+        """Orbax's policy decision for `step` (host-only: no device sync). Also queues the
+        checksums of a save that has finished since (a stat or two while one is pending)."""
+        self._hash_finished()
         return self.manager.should_save(step)
 
     def save(self, step: int, state: Any, data_state: dict, loop: dict | None = None,
@@ -182,15 +278,47 @@ class Checkpointer:
                     saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
                                   config=ocp.args.JsonSave(self._config), metadata=ocp.args.JsonSave(meta))
-        return self.manager.save(int(step), args=args, force=force)
+        try:  # Orbax first finishes the previous save: its errors surface here
+            started = self.manager.save(int(step), args=args, force=force)
+        except Exception as e:
+            raise self._save_error(e) from e
+        if started and self._hasher is not None:
+            self._unhashed.add(int(step))
+        return started
+
+    def _save_error(self, error: Exception) -> SaveError:
+        text = " ".join(str(error).split())[:400]
+        complete = [s for s in self.steps() if _is_complete(self.directory / str(s))]
+        newest = f"step {complete[-1]}" if complete else "none"
+        return SaveError(f"writing a checkpoint to {self.directory} failed ({type(error).__name__}: {text}); "
+                         f"the newest complete checkpoint ({newest}) is intact: free space there (or fix the "
+                         f"storage) and run the same command again to resume from it")
+
+    def _hash_finished(self) -> None:
+        """Queues the checksums of this run's saves that Orbax has finished (primary process)."""
+        for step in sorted(self._unhashed):
+            if _is_complete(self.directory / str(step)):
+                self._unhashed.discard(step)
+                self._hashing.append(self._hasher.submit(write_checksums, self.directory / str(step)))
 
     def wait(self) -> None:
-        """Blocks until the pending asynchronous save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until the pending asynchronous save is on disk, with its checksums."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e) from e
+        self._hash_finished()
+        self._unhashed.clear()  # every save is final now: what is left was deleted (keep, rollback)
+        concurrent.futures.wait(self._hashing)
+        self._hashing = [f for f in self._hashing if not f.done()]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
 
     # --------------------------------------------------------------------------------- restoring
     def steps(self) -> list[int]:
@@ -201,7 +329,16 @@ class Checkpointer:
 
     def restore(self, step: int, target: Any) -> Restored:
         """Restores checkpoint `step`; `target` is the abstract state with the current shardings
-        (`state.abstract_with_shardings`), so the arrays land directly on the current mesh."""
+        (`state.abstract_with_shardings`), so the arrays land directly on the current mesh.
+
+        Raises:
+          CheckpointError: the step's files do not match their checksums.
+        """
+        if self.verify and step not in self._verified:
+            problem = checksum_problem(self.directory / str(step))
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {self.directory}/{step} is damaged: {problem}")
+            self._verified.add(step)
         out = self.manager.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
             data=ocp.args.JsonRestore(),
@@ -214,16 +351,39 @@ class Checkpointer:
         Raises:
           CheckpointError: the newest checkpoint is readable but belongs to another model or data.
         """
-        errors = []
+        errors, unreadable = [], []
         for step in reversed(self.steps()):
-            self.check_compatible(step)
             try:
-                return self.restore(step, target)
-            except (ValueError, OSError, KeyError) as e:  # unreadable (damaged) — try an older one
+                self.check_compatible(step)
+            except (ValueError, OSError, KeyError) as e:  # its JSON items do not even read
                 errors.append(f"step {step}: {type(e).__name__}: {e}"[:300])
+                unreadable.append(step)
+                continue
+            try:
+                restored = self.restore(step, target)
+            except Exception as e:  # damaged (TensorStore raises bare Exceptions): try an older one
+                errors.append(f"step {step}: {type(e).__name__}: {e}"[:300])
+                unreadable.append(step)
+                continue
+            self._set_aside(unreadable, errors)
+            return restored
         if errors:
-            raise CheckpointError(f"no checkpoint in {self.directory} could be read: {'; '.join(errors)}")
+            raise CheckpointError(f"no checkpoint in {self.directory} could be read ({'; '.join(errors)}); "
+                                  f"move {self.directory} away to start fresh, or restore a backup")
         return None
+
+    def _set_aside(self, steps: list[int], reasons: list[str]) -> None:
+        """Moves unreadable steps to `<directory>.damaged/` so that a new save of the same step
+        is not refused and no restart tries them again."""
+        if not steps:
+            return
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in steps:
+                _move_aside(self.directory / str(step), "damaged")
+        barrier.wait_for_all_processes(f"checkpoint-set-aside-{steps}")
+        self.manager.reload()
+        self.damaged.update(zip(steps, reasons))
 
     def data_state(self, step: int) -> dict:
         """The data iterator state saved with checkpoint `step` (cheap: no arrays are read)."""
@@ -298,6 +458,10 @@ def restore_params(directory: str | os.PathLike, target: Any) -> tuple[Any, Any,
     if not steps:
         raise CheckpointError(f"train.init_from={directory}: no complete checkpoint there; point it at "
                               f"the checkpoints/ directory of a finished run")
+    problem = checksum_problem(directory / str(steps[-1]))
+    if problem is not None:
+        raise CheckpointError(f"train.init_from={directory}: checkpoint {steps[-1]} is damaged ({problem}); "
+                              f"point it at a good checkpoint")
     params = {"trainable": target.trainable, "frozen": target.frozen}
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(directory / str(steps[-1]) / "state", args=ocp.args.PyTreeRestore(

@@ -16,7 +16,8 @@ Workdir contract: `config.json` (resolved config), `checkpoints/` (Orbax), `metr
 row per logged step: `step`, `loss`, every loss term, `grad_norm`, `learning_rate`, timings;
 at eval steps `eval/<term>` of the heldout losses and, with `train.eval_cabin_samples`, the cabin
 metrics of sampled actions such as `eval/success_rate`), `events.jsonl` (resumes, rollbacks,
-preemption, and the `Goodput` of the call at its end), `tb/` (TensorBoard), `profile/` (jax.profiler).
+preemption, and the `Goodput` of the call at its end), `tb/` (TensorBoard), `profile/` (jax.profiler),
+`sample_ids/p<i>.jsonl` (with `train.log_sample_ids`: the sample ids each process fed at each step).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from vlacabin_jax.eval import evaluate as cabin_eval
 from vlacabin_jax.eval import report as cabin_report
 from vlacabin_jax.model.flops import model_flops_per_sample
 from vlacabin_jax.sharding import MeshError
+from vlacabin_jax.train import barrier
 from vlacabin_jax.train import checkpoint as ckpt_lib
 from vlacabin_jax.train import init_from as init_lib
 from vlacabin_jax.train import metrics as metrics_lib
@@ -283,6 +285,8 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
         writer.event(step, report)
     if ckpt.quarantined:
         writer.event(step, f"moved incomplete checkpoints {ckpt.quarantined} to checkpoints.incomplete/")
+    for bad, reason in ckpt.damaged.items():
+        writer.event(step, f"checkpoint {bad} is damaged ({reason}): moved to checkpoints.damaged/", damaged=bad)
     if restored is not None:
         writer.event(step, f"resumed from checkpoint {restored.step} (saved on mesh "
                            f"{restored.metadata.get('mesh')}, now {mesh_shape})")
@@ -296,6 +300,10 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
     flops = model_flops_per_sample(cfg)
     devices = jax.devices()
 
+    ids_log = None
+    if tr.log_sample_ids:
+        (workdir / "sample_ids").mkdir(exist_ok=True)
+        ids_log = open(workdir / "sample_ids" / f"p{jax.process_index()}.jsonl", "a", buffering=1)
     window = _Window()
     compile_s, compiled = 0.0, False
     first_loss = last_loss = None
@@ -354,6 +362,9 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
             batch = next(train_it)
             if index in skipped:
                 continue
+            if ids_log is not None:
+                ids_log.write(json.dumps({"step": step + 1, "batch": index,
+                                          "sample_id": np.asarray(batch["sample_id"]).tolist()}) + "\n")
             if index == int(tr.inject_nan_batch):
                 batch = _poison(batch)
             device_batch = step_lib.device_batch(batch, bshard, batch_size)
@@ -364,11 +375,14 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
             if tr.profile_steps > 0 and step == int(tr.profile_start) and jax.process_index() == 0:
                 jax.profiler.start_trace(str(workdir / "profile"))
                 profiling = True
-            state, metrics = train_step(state, device_batch)
-            if not compiled:  # the first call traces and compiles synchronously
+            if not compiled:  # compile before the first step, and start it on all processes together
+                train_step = train_step.lower(state, device_batch).compile()
+                barrier.wait_for_all_processes(f"train-step-compiled-{step}")
                 compiled, compile_s = True, time.perf_counter() - t1
                 window.excluded_s += compile_s
                 goodput.compile_s = compile_s
+                t1 = time.perf_counter()
+            state, metrics = train_step(state, device_batch)
             step += 1
             window.entries.append((step, index, metrics))
             writer.advance()
@@ -391,6 +405,9 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
                 scalars, rate = _log_scalars(window, batch_size, flops, devices)
                 if tr.eval_every > 0 and (step % int(tr.eval_every) == 0 or step == total):
                     t_eval = time.perf_counter()
+                    if not isinstance(eval_step, jax.stages.Compiled):  # as for the train step
+                        eval_step = eval_step.lower(state, device_batch).compile()
+                        barrier.wait_for_all_processes(f"eval-step-compiled-{step}")
                     last_eval = _evaluate(eval_step, state, heldout_it, heldout_start, bshard, batch_size,
                                           int(tr.eval_batches))
                     if cabin_sets is not None:
@@ -430,6 +447,8 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
     finally:
         ckpt.close()
         writer.close()
+        if ids_log is not None:
+            ids_log.close()
         for it in (train_it, heldout_it):
             if it is not None and hasattr(it, "close"):
                 it.close()
