@@ -155,15 +155,19 @@ def restore_params(path: str, cfg, step: int | None = None):
     never read): an Orbax partial restore of the `trainable` / `frozen` subtrees of the state item.
 
     Shapes are checked against `cfg` from the checkpoint's metadata before anything is read.
-    (`vlacabin_jax.train.checkpoint.restore_params` is not used: with Orbax 0.12.8 its
-    `StandardCheckpointer.restore(..., strict=False)` rejects a target without the optimizer state.)
+    Files that fail the trainer's checksums (`vlacabin_jax.train.checkpoint`) are refused.
     """
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
     from etils import epath
 
+    from vlacabin_jax.train.checkpoint import checksum_problem
+
     item = find_checkpoint_item(path, step)
+    problem = checksum_problem(item.parent)  # the step directory, when the trainer wrote checksums
+    if problem is not None:
+        raise EvalError(f"--checkpoint: {item.parent} is damaged ({problem}); evaluate another step with --step")
     meta_t, meta_f, keys = _params_metadata(item)
     _check_shapes(meta_t, meta_f, cfg)
     want = {"trainable": meta_t, "frozen": meta_f}

@@ -182,6 +182,7 @@ def test_disk_full_during_a_save_loses_no_checkpoint(reference, tmp_path):
     abstract, shardings = state_lib.state_shardings(cfg, sharding.make_mesh(cfg.mesh))
     checkpointer = ckpt_lib.Checkpointer(saved, cfg, mesh_shape={}, data_hash="unused", read_only=True)
     assert checkpointer.steps() == [1]
+    restored = checkpointer.restore(1, state_lib.abstract_with_shardings(abstract, shardings))
     checkpointer.close()
-    trainable, _, step = ckpt_lib.restore_params(saved, state_lib.abstract_with_shardings(abstract, shardings))
-    assert step == 1 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainable))
+    assert int(restored.state.step) == 1 and restored.data["next_batch"] == 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.trainable))

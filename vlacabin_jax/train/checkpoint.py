@@ -9,7 +9,6 @@
       .delete_after(step)                     -> drop checkpoints newer than `step` (rollback)
       .wait() / .close()
     read_metadata(directory, step=None)      -> the metadata JSON of a checkpoint (for export/eval)
-    restore_params(directory, target)         -> (trainable, frozen) of a checkpoint dir (stage init)
 
 Items (Orbax `Composite`): `state` — the TrainState in Orbax's standard PyTree format (readable
 with `ocp.StandardCheckpointer`; restored onto the *current* mesh through the target's shardings,
@@ -432,6 +431,13 @@ def compatibility_problems(saved_config: dict, saved_meta: dict, config: dict, s
     for key in sorted(set(old) | set(new)):
         if key not in free and old.get(key) != new.get(key):
             problems.append(f"{key} was {old.get(key)!r}, now {new.get(key)!r}")
+    # The train state's structure: which params have optimizer state, and the align reference.
+    old_train, new_train = saved_config.get("train", {}), config.get("train", {})
+    if old_train.get("trainable", "all") != new_train.get("trainable", "all"):
+        problems.append(f"train.trainable was {old_train.get('trainable', 'all')!r}, now {new_train.get('trainable')!r}")
+    if (old_train.get("stage") == "align") != (new_train.get("stage") == "align"):
+        problems.append(f"train.stage was {old_train.get('stage')!r}, now {new_train.get('stage')!r} (the align "
+                        f"stage keeps a reference model in its state)")
     if saved_meta.get("data_hash") != static["data_hash"]:
         problems.append(f"it was trained on DataHash {saved_meta.get('data_hash')}, this config reads "
                         f"{static['data_hash']}")
@@ -446,25 +452,3 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
         raise CheckpointError(f"{directory}: no complete checkpoint")
     step = steps[-1] if step is None else step
     return json.loads((directory / str(step) / "metadata" / "metadata").read_text())
-
-
-def restore_params(directory: str | os.PathLike, target: Any) -> tuple[Any, Any, int]:
-    """(trainable, frozen, step) of the newest complete checkpoint in `directory`, on `target`'s
-    shardings. `target` is an abstract TrainState (with shardings) of this run; only its params
-    are read, so the other run's optimizer may differ."""
-    directory = Path(directory).absolute()
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_complete(p)) \
-        if directory.is_dir() else []
-    if not steps:
-        raise CheckpointError(f"train.init_from={directory}: no complete checkpoint there; point it at "
-                              f"the checkpoints/ directory of a finished run")
-    problem = checksum_problem(directory / str(steps[-1]))
-    if problem is not None:
-        raise CheckpointError(f"train.init_from={directory}: checkpoint {steps[-1]} is damaged ({problem}); "
-                              f"point it at a good checkpoint")
-    params = {"trainable": target.trainable, "frozen": target.frozen}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(directory / str(steps[-1]) / "state", args=ocp.args.PyTreeRestore(
-            item=params, restore_args=ocp.checkpoint_utils.construct_restore_args(params),
-            partial_restore=True))
-    return out["trainable"], out["frozen"], steps[-1]

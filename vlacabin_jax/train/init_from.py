@@ -26,7 +26,7 @@ from etils import epath
 
 from vlacabin_jax.model import functional
 from vlacabin_jax.model.lora import ADAPTER_NAMES
-from vlacabin_jax.train.checkpoint import CheckpointError, _is_complete
+from vlacabin_jax.train.checkpoint import CheckpointError, _is_complete, checksum_problem
 
 GROUPS = ("trainable", "frozen")
 Path_ = tuple[str, ...]
@@ -106,6 +106,10 @@ def _state_item(directory: str | os.PathLike) -> Path:
     if not steps:
         raise CheckpointError(f"train.init_from={d}: no complete checkpoint there; point it at the "
                               f"checkpoints/ directory of a finished run")
+    problem = checksum_problem(d / str(steps[-1]))
+    if problem is not None:
+        raise CheckpointError(f"train.init_from={d}: checkpoint {steps[-1]} is damaged ({problem}); point it "
+                              f"at a good checkpoint")
     return d / str(steps[-1]) / "state"
 
 
