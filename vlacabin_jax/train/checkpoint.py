@@ -286,7 +286,9 @@ class Checkpointer:
         return started
 
     def _save_error(self, error: Exception) -> SaveError:
-        text = " ".join(str(error).split())[:400]
+        text = " ".join(str(error).split())
+        if len(text) > 300:  # storage errors end with the cause ("No space left on device")
+            text = f"{text[:120]} ... {text[-160:]}"
         complete = [s for s in self.steps() if _is_complete(self.directory / str(s))]
         newest = f"step {complete[-1]}" if complete else "none"
         return SaveError(f"writing a checkpoint to {self.directory} failed ({type(error).__name__}: {text}); "
