@@ -80,12 +80,12 @@ def train_and_save(variant: str, directory: Path, steps: int = TRAIN_STEPS) -> P
         keys = jax.random.split(jax.random.key(3), len(leaves))
         trainable = treedef.unflatten([x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
                                        for x, k in zip(leaves, keys)])
-    losses = [0.0]
+    losses = []
     for i in range(steps):
         trainable, opt_state, loss = step(trainable, opt_state, i)
         losses.append(float(loss))
     assert np.isfinite(losses).all(), losses
-    assert steps < 10 or losses[-1] < losses[0], losses  # a few steps are noise (random t, latents)
+    assert len(losses) < 10 or losses[-1] < losses[0], losses  # a few steps are noise (random t, latents)
     state = TrainState(step=jnp.int32(steps), trainable=trainable, frozen=frozen, opt_state=opt_state,
                        rng=jnp.zeros((2,), jnp.uint32))
     checkpoints = directory / "checkpoints"

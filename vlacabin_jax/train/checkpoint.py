@@ -115,7 +115,8 @@ def write_checksums(step_dir: Path) -> bool:
         os.replace(tmp, step_dir / CHECKSUMS)
         return True
     except OSError:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
         return False
 
 
@@ -127,8 +128,9 @@ def checksum_problem(step_dir: Path) -> str | None:
         return None
     try:
         want = json.loads(path.read_text())
-        assert isinstance(want, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):
+        want = None
+    if not isinstance(want, dict):
         return f"{CHECKSUMS} is unreadable"
     got = file_checksums(step_dir)
     for name in sorted(set(want) | set(got)):
@@ -177,6 +179,7 @@ def quarantine(directory: Path, verify: bool) -> tuple[list[int], dict[int, str]
                 good = step
                 break
             damaged[step] = problem
+        barrier.wait_for_all_processes(f"checkpoint-verified-{directory}")  # all looked before any move
         if jax.process_index() == 0:
             for step in incomplete:
                 _move_aside(directory / str(step), "incomplete")
