@@ -10,6 +10,7 @@ import pytest
 from tools import export as export_tool
 from vlacabin_jax.export import convert
 from vlacabin_jax.export.verify import VerificationError
+from vlacabin_jax.train.checkpoint import CHECKSUMS
 
 
 def run_cli(args, capsys):
@@ -76,6 +77,11 @@ def test_checkpoint_with_missing_params(tmp_path, capsys, tiny_checkpoint):
     (step / "state").mkdir()
     (step / "state" / "junk").write_text("x")
     code, err = run_cli(["--checkpoint", step, "--out", tmp_path / "out"], capsys)
+    # The trainer's checksums catch the change first ...
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: checkpoint {step} is damaged: file ")
+    # ... and without them (a checkpoint from before checksums) the restore itself refuses.
+    (step / CHECKSUMS).unlink()
+    code, err = run_cli(["--checkpoint", step, "--out", tmp_path / "out"], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: checkpoint {step}: params do not restore")
 
 
@@ -86,6 +92,7 @@ def test_other_action_vocabulary_version(tmp_path, capsys, tiny_checkpoint):
     meta["action_vocabulary"]["version"] = "0.9.0"
     meta["action_vocabulary"]["tokens"] = meta["action_vocabulary"]["tokens"][:-1]
     meta_file.write_text(json.dumps(meta))
+    (step / CHECKSUMS).unlink()  # a checkpoint whose metadata was written so (not damaged later)
     code, err = run_cli(["--checkpoint", step, "--out", tmp_path / "out"], capsys)
     assert code == 2 and len(err) == 1
     assert "action vocabulary version 0.9.0 (180 tokens) differs from this code's 1.0.0 (181 tokens)" in err[0]
