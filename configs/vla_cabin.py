@@ -68,8 +68,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # params, matching model.vit / model.lm); read when a run starts fresh. "" = random anchor.
     m.anchor_weights = ""
     m.remat = variant in ("base", "a100x128")  # rematerialise transformer blocks in backward
+    # What a rematerialised block keeps (vlacabin_jax/model/layers.py REMAT_POLICIES): "full"
+    # (nothing: least memory, most recompute) or "dots" (weight matmul outputs: less recompute).
+    m.remat_policy = "full"
     m.scan_layers = True  # scan over layers (fast compile); False unrolls (exact XLA FLOP counts)
-    m.attention_impl = ""  # jax.nn.dot_product_attention implementation: "" (auto), "xla", "cudnn"
+    # jax.nn.dot_product_attention implementation: "" (JAX's default, which is XLA's attention as
+    # of JAX 0.10), "xla", or "cudnn" (cuDNN fused attention; GPU with bf16/fp16 compute only).
+    m.attention_impl = ""
     m.action_len = {"tiny": 8, "small": 12, "base": 16, "a100x128": 16}[variant]  # action tokens
     m.explain_len = {"tiny": 24, "small": 32, "base": 48, "a100x128": 64}[variant]  # explanation tokens
     m.vit, m.lm = _anchor(variant)
@@ -91,6 +96,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     m.bridge.n_queries = {"tiny": 8, "small": 16, "base": 32, "a100x128": 64}[variant]
     m.bridge.n_constraint_tags = _SIZES["constraint_tags"]  # size of the constraint-tag vocabulary
     m.bridge.connector = ml_collections.ConfigDict(t)  # connector transformer sizes
+    # What the connector attends over: "queries" (the query outputs only, MetaQuery's interface to
+    # a pretrained LM) or "all" (every valid LM position; the residual stream keeps each input
+    # token, which a random anchor's near-uniform attention averages away at the queries).
+    m.bridge.connector_reads = "all" if variant == "tiny" else "queries"
 
     # DNFM action generator.
     m.dnfm = ml_collections.ConfigDict(dict(t, depth=2 * t["depth"]))

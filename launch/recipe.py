@@ -8,6 +8,7 @@ checkpoint (`train.init_from`):
   1. python -m launch --config configs/stages/pretrain.py:V --workdir W/pretrain
   2. python -m launch --config configs/stages/sft.py:V --workdir W/sft --config.train.init_from=W/pretrain/checkpoints
   3. python -m tools.make_preferences --checkpoint W/sft/checkpoints --out W/pairs
+         --rejected-for=violation,over_trigger
   4. python -m launch --config configs/stages/align.py:V --workdir W/align --config.train.init_from=W/sft/checkpoints
          --config.data.preference_dir=W/pairs --config.data.mixture=ALIGN_MIXTURE
   5. python -m tools.evaluate --compare W/sft/checkpoints W/align/checkpoints --out W/eval
@@ -28,11 +29,16 @@ import sys
 from pathlib import Path
 
 VARIANTS = ("tiny", "small", "base", "a100x128")
-ALIGN_MIXTURE = "preference=1,preference_sim=1,vla=1"
+# The sft policy's own answers that break a guardrail or act where nothing should happen, against
+# its better answers to the same turn, plus plain VLA turns that keep the sft terms. (Unfiltered
+# best-vs-worst pairs, and the world's pairs, are mostly "act" vs "<noop>": they raised
+# over-triggers on tiny; README "Staged recipe".)
+REJECTED_FOR = "violation,over_trigger"
+ALIGN_MIXTURE = "preference_sim=1,vla=3"
 
 
 def commands(variant: str, workdir: str, overrides: list[str], steps: list[int] | None = None,
-             pairs: int = 2048, k: int = 8, eval_samples: int = 500, export: bool = True
+             pairs: int = 6144, k: int = 8, eval_samples: int = 500, export: bool = True
              ) -> list[tuple[str, list[str], Path | None]]:
     """The recipe's steps: (name, argv, the output whose existence marks the step done; None for the
     training stages, which resume or return by themselves)."""
@@ -50,7 +56,8 @@ def commands(variant: str, workdir: str, overrides: list[str], steps: list[int] 
     out = [train("pretrain"),
            train("sft", f"--config.train.init_from={w / 'pretrain' / 'checkpoints'}"),
            ("pairs", py + ["tools.make_preferences", "--checkpoint", str(w / "sft" / "checkpoints"),
-                           "--out", str(w / "pairs"), "--num-samples", str(pairs), "--k", str(k)],
+                           "--out", str(w / "pairs"), "--num-samples", str(pairs), "--k", str(k),
+                           f"--rejected-for={REJECTED_FOR}"],
             w / "pairs" / "manifest.json"),
            train("align", f"--config.train.init_from={w / 'sft' / 'checkpoints'}",
                  f"--config.data.preference_dir={w / 'pairs'}", f"--config.data.mixture={ALIGN_MIXTURE}"),
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="tiny", help="config variant of every stage")
     parser.add_argument("--workdir", required=True, help="recipe directory: one subdirectory per step")
     parser.add_argument("--steps", default="", help="train.steps of pretrain,sft,align (default: the stage configs')")
-    parser.add_argument("--pairs", type=int, default=2048, help="train turns sampled for simulator-scored pairs")
+    parser.add_argument("--pairs", type=int, default=6144, help="train turns sampled for simulator-scored pairs")
     parser.add_argument("--k", type=int, default=8, help="answers sampled per turn for the pairs")
     parser.add_argument("--eval-samples", type=int, default=500, help="heldout turns of the sft vs align comparison")
     parser.add_argument("--no-export", action="store_true", help="stop after the evaluation")

@@ -22,6 +22,7 @@ def test_unknown_variant():
     (lambda c: c.model.lm.__setitem__("kv_heads", 3), "kv_heads vs heads: 3 must be positive and divide 4"),
     (lambda c: c.model.dnfm.__setitem__("sample_steps", 9), "sampler supports K = 1..8"),
     (lambda c: c.model.__setitem__("dtype", "float64"), "model.dtype = 'float64'"),
+    (lambda c: c.model.__setitem__("remat_policy", "some"), "model.remat_policy = 'some': use 'full' or 'dots'"),
     (lambda c: c.model.vit.__setitem__("patch_size", 64), "patch_size = 64: must be in 1..image_size (32)"),
     (lambda c: c.loss.__setitem__("t_source_fraction", 1.5), "t_source_fraction = 1.5"),
     (lambda c: c.model.dnfm.__setitem__("vocab_size", 99), "data schema has"),

@@ -36,12 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per compiled sampling call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    parser.add_argument("--rejected-for", default="", help="keep only pairs whose rejected answer shows one of "
+                        "these (comma-separated: violation, over_trigger, under_trigger, conflict, inversion)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if args.k < 2 or args.num_samples < 1 or args.noise_scale <= 0 or args.batch_size < 1 or args.start < 0:
         parser.error("--k must be >= 2, --num-samples and --batch-size >= 1, --noise-scale > 0, --start >= 0")
+    from vlacabin_jax.eval.preferences import REJECT_REASONS
+
+    rejected_for = [r.strip() for r in args.rejected_for.split(",") if r.strip()]
+    unknown = sorted(set(rejected_for) - set(REJECT_REASONS))
+    if unknown:
+        parser.error(f"--rejected-for: unknown reason {unknown[0]!r}; use {', '.join(REJECT_REASONS)}")
     if Path(args.out, "manifest.json").exists():
         print(f"error: {args.out} already holds pairs; pass a new --out", file=sys.stderr)
         return 2
@@ -62,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     samples = E.eval_samples(cfg, args.num_samples, "vla", split="train", start=args.start)
     candidates = P.sample_candidates(trainable, frozen, cfg, samples, args.k, args.noise_scale, args.steps,
                                      args.seed, args.batch_size)
-    pairs, stats = P.make_pairs(samples, candidates)
+    pairs, stats = P.make_pairs(samples, candidates, rejected_for)
     generator = {"source": "simulator", "checkpoint": str(Path(args.checkpoint).resolve()), "step": args.step,
                  "world": pipeline.synthetic_params(cfg), "split": "train", "start": args.start,
                  "num_samples": args.num_samples, "k": args.k, "noise_scale": args.noise_scale,
                  "sampler_steps": args.steps or int(cfg.model.dnfm.sample_steps), "seed": args.seed,
-                 "reward_weights": P.REWARD_WEIGHTS, "stats": stats}
+                 "rejected_for": rejected_for, "reward_weights": P.REWARD_WEIGHTS, "stats": stats}
     preferences.write_pairs(args.out, {"train": pairs}, generator)
     print(json.dumps(stats))
     print(f"wrote {len(pairs)} pairs from {len(samples)} turns x {args.k} answers to {args.out}/ "

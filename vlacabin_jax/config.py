@@ -62,8 +62,12 @@ def check_model(cfg) -> list[str]:
     for name in ("dtype", "param_dtype", "anchor_dtype"):
         if m[name] not in ("float32", "bfloat16", "float16"):
             p.append(f"model.{name} = {m[name]!r}: use float32, bfloat16 or float16")
+    if m.remat_policy not in ("full", "dots"):
+        p.append(f"model.remat_policy = {m.remat_policy!r}: use 'full' or 'dots'")
     if m.attention_impl not in ("", "xla", "cudnn"):
         p.append(f"model.attention_impl = {m.attention_impl!r}: use '' (auto), 'xla' or 'cudnn'")
+    if m.bridge.connector_reads not in ("queries", "all"):
+        p.append(f"model.bridge.connector_reads = {m.bridge.connector_reads!r}: use 'queries' or 'all'")
     for stack in ("encoder", "bridge.connector", "dnfm", "explain"):
         s = m
         for part in stack.split("."):

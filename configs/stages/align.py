@@ -2,10 +2,11 @@
 
 `--config configs/stages/align.py:tiny --config.train.init_from=runs/sft/checkpoints` starts from the
 sft stage's params; its DNFM is also kept, frozen, as the DPO reference (`TrainState.reference`).
-Data: preference pairs of the synthetic world (`preference`) and, when given with
-`--config.data.preference_dir=DIR --config.data.mixture=preference=1,preference_sim=1,vla=1`, pairs
-sampled from the sft policy and scored in the cabin simulator (`python -m tools.make_preferences`),
-plus plain VLA turns whose sft terms keep the policy's answers from drifting. What trains: LoRA
+Data: preference pairs of the synthetic world (`preference`) by default; the recipe uses
+`--config.data.preference_dir=DIR --config.data.mixture=preference_sim=1,vla=3`: pairs sampled from
+the sft policy and scored in the cabin simulator, kept where the rejected answer breaks a guardrail
+or over-triggers (`python -m tools.make_preferences --rejected-for=violation,over_trigger`), plus
+plain VLA turns whose sft terms keep the policy's answers from drifting. What trains: LoRA
 adapters on the modality encoders and the heads after the frozen LM (connector and z0 head, DNFM,
 explanation head); the encoders' base weights and the anchor are frozen.
 """
@@ -26,7 +27,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.lora.alpha = 16.0
     c.data.mixture = "preference=2,vla=1"  # pairs, plus sft turns as an anchor
     c.loss.dpo_weight = 1.0
-    c.loss.dpo_beta = 10.0
+    # beta 10 moved tiny's policy further than beta 2 for no fewer over-triggers (README).
+    c.loss.dpo_beta = 2.0
     # A short, gentle stage: the reference is one lr-step away at the start.
     c.train.steps = {"tiny": 300, "small": 2000, "base": 5000, "a100x128": 5000}[variant]
     c.optim.lr = c.optim.lr * 0.3

@@ -12,6 +12,8 @@ from vlacabin_jax.data import pipeline
 from vlacabin_jax.eval import evaluate as E
 
 N = 300  # heldout VLA samples for the policy checks (≈0.6 s each)
+# One worker runs this module: its model tests share the params and the compiled sampler.
+pytestmark = pytest.mark.xdist_group("evaluate")
 
 
 @pytest.fixture(scope="module")

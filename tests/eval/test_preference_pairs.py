@@ -61,3 +61,35 @@ def test_malformed_answers_take_no_part_in_pairs():
     assert preferences.pair(sample, [Prediction(("<noop>",)), broken]) is None
     out = preferences.pair(sample, [broken, Prediction(tuple(p["actions"])), Prediction(("<noop>",))])
     assert out["chosen"] == p["actions"] and out["rejected"] == ["<noop>"] and out["reason"] == "under_trigger"
+
+
+def test_rejected_for_keeps_only_pairs_that_teach_what_not_to_do():
+    p = _careless_pair()
+    sample = {k: v for k, v in p.items() if k not in ("chosen", "rejected", "reason")}
+    careless = [Prediction(tuple(p["actions"])), Prediction(tuple(p["rejected"]))]  # rejected: a violation
+    timid = [Prediction(tuple(p["actions"])), Prediction(("<noop>",))]  # rejected: an under-trigger
+    both = [sample, sample], [careless, timid]
+    assert len(preferences.make_pairs(*both)[0]) == 2
+    pairs, stats = preferences.make_pairs(*both, rejected_for=("violation", "over_trigger"))
+    assert [q["rejected"] for q in pairs] == [p["rejected"]] and stats["pairs"] == 1
+    pairs, _ = preferences.make_pairs(*both, rejected_for=("under_trigger",))
+    assert [q["rejected"] for q in pairs] == [["<noop>"]]
+
+
+def test_make_preferences_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    import pytest
+
+    from tools import make_preferences
+
+    for argv, message in (
+            (["--k", "1"], "--k must be >= 2"),
+            (["--rejected-for", "violation,rudeness"], "--rejected-for: unknown reason 'rudeness'"),
+            (["--frobnicate"], "unrecognized arguments: --frobnicate")):
+        with pytest.raises(SystemExit) as exit_info:
+            make_preferences.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "pairs"), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and message in err[-1], err
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "manifest.json").write_text("{}")
+    assert make_preferences.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "pairs")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'pairs'} already holds pairs; pass a new --out"

@@ -12,6 +12,8 @@ from vlacabin_jax.model import functional as F
 TERMS = ("kl_latent", "kl_z0", "infonce", "recon_state_numeric", "recon_state_categorical", "recon_mel",
          "recon_visual", "velocity", "endpoint_ce", "source_ce", "path", "explanation_ce")
 RNGS = {"latent": jax.random.key(1), "flow": jax.random.key(2)}
+# One worker runs this module, so the loss-and-gradient program of `model` compiles once.
+pytestmark = pytest.mark.xdist_group("vla_cabin")
 
 
 @pytest.fixture(scope="module")

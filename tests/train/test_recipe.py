@@ -16,6 +16,8 @@ def test_dry_run_chains_the_stages_through_init_from(tmp_path, capsys):
     assert f"--config.data.preference_dir={tmp_path}/pairs" in text["align"]
     assert "--config.train.steps=6" in text["align"] and "--config.mesh.data=1" in text["pretrain"]
     assert f"--checkpoint {tmp_path}/sft/checkpoints" in text["pairs"]
+    assert "--rejected-for=violation,over_trigger" in text["pairs"]
+    assert "--config.data.mixture=preference_sim=1,vla=3" in text["align"]
     assert f"--checkpoint {tmp_path}/align/checkpoints" in text["export"]
 
 

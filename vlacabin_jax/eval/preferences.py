@@ -108,15 +108,22 @@ def pair(sample: dict, candidates: Sequence[Prediction]) -> dict | None:
         return None
     w, l = scored[best][1], scored[worst][1]
     rec = metrics.score_sample(sample, l)
-    why = [name for name in ("violation", "over_trigger", "under_trigger", "conflict", "inversion") if rec[name]]
+    why = [name for name in REJECT_REASONS if rec[name]]
     why = why or ["wrong end state" if not rec["success"] else "steps"]
     return dict(sample, chosen=list(w.actions), rejected=list(l.actions), reason=", ".join(why),
                 chosen_reward=float(scored[best][0]), rejected_reward=float(scored[worst][0]))
 
 
-def make_pairs(samples: Sequence[dict], candidates: Sequence[Sequence[Prediction]]) -> tuple[list[dict], dict]:
+REJECT_REASONS = ("violation", "over_trigger", "under_trigger", "conflict", "inversion")
+
+
+def make_pairs(samples: Sequence[dict], candidates: Sequence[Sequence[Prediction]],
+               rejected_for: Sequence[str] = ()) -> tuple[list[dict], dict]:
     """Best-vs-worst pairs of every sample that has a preference, and counts of what was found.
 
+    `rejected_for` (names of `REJECT_REASONS`) keeps only the pairs whose rejected answer shows one
+    of them, e.g. ("violation", "over_trigger") for pairs that teach what not to do: best-vs-worst
+    pairs of a policy that mostly under-acts are mostly "act" vs "<noop>", which teach it to act.
     Returns:
       (pairs, {"samples", "pairs", "chosen_success", "rejected_violation", "rejected_over_trigger",
       "distinct_answers_mean"}).
@@ -126,7 +133,7 @@ def make_pairs(samples: Sequence[dict], candidates: Sequence[Sequence[Prediction
     for s, cands in zip(samples, candidates):
         distinct.append(len({c.actions for c in cands}))
         p = pair(s, cands)
-        if p is not None:
+        if p is not None and (not rejected_for or any(r in p["reason"].split(", ") for r in rejected_for)):
             pairs.append(p)
     stats = {"samples": len(samples), "pairs": len(pairs),
              "distinct_answers_mean": float(np.mean(distinct)) if distinct else 0.0,

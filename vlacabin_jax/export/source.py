@@ -122,6 +122,9 @@ def config_from_json(saved: dict) -> Any:
                 node[key] = tuple(value) if isinstance(value, list) else value
 
     fill(cfg, saved, "")
+    # Fields added after a checkpoint was written take the value that reproduces it, not the preset's.
+    if "connector_reads" not in saved["model"].get("bridge", {}):
+        cfg.model.bridge.connector_reads = "queries"
     try:
         validate(cfg)
     except ConfigError as e:

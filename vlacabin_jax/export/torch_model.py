@@ -49,7 +49,8 @@ from vlacabin_jax.export.torch_layers import (Attention, DecoderLM, EncoderBlock
                                               VisionTransformer, key_mask, same_pads, segment_pool, sinusoidal)
 
 FORMAT = "vlacabin.torch_mirror"
-FORMAT_VERSION = 1
+# 2: the text encoder RMS-normalises its input embeddings; `model.bridge.connector_reads`.
+FORMAT_VERSION = 2
 INPUT_NAMES = ("text_tokens", "text_mask", "mel", "mel_mask", "frames", "frame_mask", "state_numeric",
                "state_categorical", "modality_mask", "constraint_tags")
 OUTPUT_NAMES = ("action_tokens", "explanation_tokens", "z0", "velocities", "x1", "action_logits", "context")
@@ -147,7 +148,8 @@ class TextEncoder(_Encoder):
         self.gaussian = GaussianMean(e.width, m.latent.d_latent)
 
     def forward(self, token_embeddings: Tensor, text_mask: Tensor) -> Tensor:
-        x = self.proj(token_embeddings)
+        e = token_embeddings.float()  # `encoders.rms_normalize`: in fp32, no scale
+        x = self.proj((e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)).to(token_embeddings.dtype))
         length = self.c.data.text_len
         x = x + self._positions(length)
         x = self.encoder(x, key_mask(text_mask), length)
@@ -229,7 +231,8 @@ class BridgeInputs(nn.Module):
 
 
 class Connector(nn.Module):
-    """`bridge.Connector`: LM query outputs [b, q, d_lm] → (context [b, q, width], z0 mean [b, A, d_action])."""
+    """`bridge.Connector`: LM outputs [b, l, d_lm] ending with the q query positions, mask [b, l] →
+    (context [b, q, width], z0 mean [b, A, d_action])."""
 
     def __init__(self, c: Any, dtype: torch.dtype):
         super().__init__()
@@ -241,9 +244,9 @@ class Connector(nn.Module):
         self.action_slot_embedding = nn.Parameter(torch.zeros(m.action_len, k.width))
         self.z0 = GaussianMean(k.width, m.dnfm.d_action)
 
-    def forward(self, query_states: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.encoder(self.proj(query_states), None, self.query_to_action.shape[0])  # all valid: no mask
-        context = self.ln(x)
+    def forward(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.encoder(self.proj(hidden), key_mask(mask), hidden.shape[1])
+        context = self.ln(x[:, hidden.shape[1] - self.query_to_action.shape[0]:])
         slots = torch.matmul(context.transpose(1, 2), self.query_to_action).transpose(1, 2)  # bqw,qa->baw
         return context, self.z0(slots + self.action_slot_embedding)
 
@@ -435,7 +438,8 @@ class VLACabinMirror(nn.Module):
                           torch.ones_like(queries[:, :, 0], dtype=torch.bool)], dim=1)
         length = n_mod * n_tok + m.bridge.n_constraint_tags + self.cfg.data.text_len + m.bridge.n_queries
         hidden = self.lm(seq, mask, length)
-        return self.connector(hidden[:, length - m.bridge.n_queries:length])
+        start = length - m.bridge.n_queries if m.bridge.connector_reads == "queries" else 0
+        return self.connector(hidden[:, start:length], mask[:, start:length])
 
     def sample(self, z0: Tensor) -> tuple[Tensor, Tensor]:
         """K Euler steps from z0 (`dnfm.euler_sample`): → (x1 [b, A, d], velocities [b, K, A, d])."""
@@ -478,7 +482,7 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"not a VLA-Cabin mirror config (format must be {FORMAT!r}, got {config.get('format')!r})")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"mirror config format_version {config.get('format_version')!r} is not supported "
-                         f"(this code reads {FORMAT_VERSION})")
+                         f"(this code reads {FORMAT_VERSION}); export the checkpoint again with this code")
     steps = config.get("steps")
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"sampler steps K={steps!r} not supported (1..{MAX_STEPS})")

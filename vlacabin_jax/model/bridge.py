@@ -65,8 +65,10 @@ class Queries(nn.Module):
 
 
 class Connector(nn.Module):
-    """Trainable transformer over the LM's query outputs, then the variational head.
+    """Trainable transformer over the LM's outputs, then the variational head.
 
+    With `bridge.connector_reads = "queries"` it sees the query positions only (MetaQuery); with
+    "all" it attends over every valid LM position and keeps its outputs at the query positions.
     Returns (context [b, n_queries, width] for the explanation head,
              z0 mean and logvar [b, action_len, d_action]).
     """
@@ -76,17 +78,17 @@ class Connector(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, query_states: jax.Array):
+    def __call__(self, hidden: jax.Array, mask: jax.Array):
+        """hidden: [b, l, d_lm] LM outputs ending with the n_queries query positions; mask: [b, l]."""
         c = self.cfg.bridge.connector
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = layers.Dense(c.width, ("lm_embed", "embed"), use_bias=True, name="proj", **kw)(query_states)
-        mask = jnp.ones(x.shape[:2], jnp.bool_)
+        x = layers.Dense(c.width, ("lm_embed", "embed"), use_bias=True, name="proj", **kw)(hidden)
         x = layers.LayerStack(
-            layers.EncoderBlock, c.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
+            layers.EncoderBlock, c.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat and self.cfg.remat_policy,
             block_kwargs=dict(num_heads=c.heads, head_dim=c.width // c.heads, mlp_dim=c.mlp_dim,
                               attention_impl=self.cfg.attention_impl or None, **kw),
             name="encoder")(x, layers.attention_mask(None, mask, causal=False))
-        context = layers.LayerNorm(name="ln", **kw)(x)
+        context = layers.LayerNorm(name="ln", **kw)(x[:, -self.cfg.bridge.n_queries:])
         # The queries map to the action positions through a learned mix over the query axis,
         # so n_queries and action_len can differ.
         mix = self.param("query_to_action", layers.logical(nn.initializers.normal(1.0 / self.cfg.bridge.n_queries ** 0.5),

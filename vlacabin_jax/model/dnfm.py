@@ -77,7 +77,7 @@ class DNFM(nn.Module):
         self.time_mlp_in = layers.Dense(d.width, (None, "embed"), use_bias=True, name="time_in", **kw)
         self.time_mlp_out = layers.Dense(d.width, ("embed", "embed_out"), use_bias=True, name="time_out", **kw)
         self.blocks = layers.LayerStack(
-            AdaLNBlock, d.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
+            AdaLNBlock, d.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat and self.cfg.remat_policy,
             block_kwargs=dict(num_heads=d.heads, head_dim=d.width // d.heads, mlp_dim=d.mlp_dim,
                               attention_impl=self.cfg.attention_impl or None, **kw),
             name="blocks")

@@ -106,7 +106,7 @@ class _Common(nn.Module):
     def _encoder(self, name: str) -> layers.LayerStack:
         e = self.cfg.encoder
         return layers.LayerStack(
-            layers.EncoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
+            layers.EncoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat and self.cfg.remat_policy,
             block_kwargs=dict(num_heads=e.heads, head_dim=e.width // e.heads, mlp_dim=e.mlp_dim,
                               attention_impl=self.cfg.attention_impl or None, lora=self._lora(), **self._kw()),
             name=name)
@@ -147,13 +147,21 @@ class SpeechEncoder(_Common):
         return mean, logvar, token_mask
 
 
+def rms_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / rms(x) over the last axis, in float32 (no scale parameter)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
 class TextEncoder(_Common):
     """Frozen-LM token embeddings [b, l, d_lm] → (mean, logvar [b, n, d_latent], mask [b, n])."""
 
     @nn.compact
     def __call__(self, token_embeddings: jax.Array, text_mask: jax.Array):
         e = self.cfg.encoder
-        x = self._proj(token_embeddings, "lm_embed")
+        # LM embeddings are small (std 0.02 at init, similar in Qwen2): RMS-normalise them so the
+        # token content is not lost under the O(1) positions in a bf16 sum.
+        x = self._proj(rms_normalize(token_embeddings).astype(self.dtype), "lm_embed")
         x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
         x = self._encoder("encoder")(x, layers.attention_mask(None, text_mask, causal=False))
         pooled = self._pool(x, text_mask)

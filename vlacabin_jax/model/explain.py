@@ -61,7 +61,7 @@ class ExplanationHead(nn.Module):
         ctx = layers.Dense(e.width, ("embed", "embed_out"), use_bias=True, name="context_proj", **kw)(context)
         valid = jnp.ones(tokens.shape, jnp.bool_)
         x = layers.LayerStack(
-            DecoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat,
+            DecoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat and self.cfg.remat_policy,
             block_kwargs=dict(num_heads=e.heads, head_dim=e.width // e.heads, mlp_dim=e.mlp_dim,
                               attention_impl=self.cfg.attention_impl or None, **kw),
             name="decoder")(x, layers.attention_mask(None, valid, causal=True), ctx)

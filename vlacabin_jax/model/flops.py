@@ -80,8 +80,9 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
 
     # Connector and variational head.
     c, nq, la = m.bridge.connector, m.bridge.n_queries, m.action_len
-    add((_dense(nq, lm.width, c.width), 0.0))
-    add(_encoder_stack(nq, c.width, c.mlp_dim, c.depth))
+    read = seq if m.bridge.connector_reads == "all" else nq  # LM positions the connector attends over
+    add((_dense(read, lm.width, c.width), 0.0))
+    add(_encoder_stack(read, c.width, c.mlp_dim, c.depth))
     add((_dense(la, nq, c.width) + gaussian(la, c.width, m.dnfm.d_action), 0.0))
 
     # DNFM: two velocity evaluations (x_t and one model step on), three codebook decodes.

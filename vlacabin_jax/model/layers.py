@@ -162,13 +162,14 @@ def attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array, causal: bool) -
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query KV heads, optional RoPE, through
-    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere).
+    `jax.nn.dot_product_attention` (XLA's attention unless `implementation="cudnn"`).
 
     Attributes:
       num_heads: query heads. num_kv_heads: key/value heads (divides num_heads).
       head_dim: per-head width. use_bias: biases on q/k/v (Qwen2, SigLIP) and out (SigLIP).
       rope_theta: apply RoPE to q/k when set.
-      implementation: passed to dot_product_attention (None = let JAX choose).
+      implementation: passed to dot_product_attention; None is XLA's attention in JAX 0.10 (JAX
+        does not pick cuDNN by itself), "cudnn" asks for cuDNN's fused attention (GPU, bf16/fp16).
       lora: low-rank adapters on the projections it targets (`query`, `key`, `value`, `out`).
     """
 
@@ -264,6 +265,12 @@ class EncoderBlock(nn.Module):
         return x, None
 
 
+# What a rematerialised block keeps from the forward pass (`model.remat_policy`): "full" keeps
+# nothing and recomputes the block (least memory); "dots" keeps the matmul outputs that have no
+# batch dimension, i.e. weight-stationary ones (less recompute, more memory).
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class LayerStack(nn.Module):
     """`depth` copies of `block`, scanned (params stacked on a leading `layers` axis) or unrolled.
 
@@ -273,19 +280,23 @@ class LayerStack(nn.Module):
 
     Attributes:
       block: the block class. depth: number of blocks. scan: scan or unroll.
-      remat: rematerialise each block's activations in the backward pass.
+      remat: rematerialise each block's activations in the backward pass: False, or a policy
+        name of `REMAT_POLICIES` (True means "full").
       block_kwargs: constructor arguments of the block.
     """
 
     block: type[nn.Module]
     depth: int
     scan: bool = True
-    remat: bool = False
+    remat: bool | str = False
     block_kwargs: dict = dataclasses.field(default_factory=dict)
 
     @nn.compact
     def __call__(self, x: jax.Array, *args) -> jax.Array:
-        cls = nn.remat(self.block, prevent_cse=not self.scan) if self.remat else self.block
+        cls = self.block
+        if self.remat:
+            policy = REMAT_POLICIES["full" if self.remat is True else self.remat]
+            cls = nn.remat(self.block, prevent_cse=not self.scan, policy=policy)
         if self.scan:
             scanned = nn.scan(
                 cls,

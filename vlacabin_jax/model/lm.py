@@ -57,7 +57,8 @@ class DecoderLM(nn.Module):
         rope_theta, rms_eps, qkv_bias, tie_embeddings).
       dtype: compute dtype. param_dtype: storage dtype of the params.
       scan: scan the blocks (params stacked under `layers`) or unroll (`layers_{i}`).
-      remat: rematerialise block activations in the backward pass.
+      remat: rematerialise block activations in the backward pass (False or a policy name of
+        `layers.REMAT_POLICIES`).
       attention_impl: `jax.nn.dot_product_attention` implementation (None = JAX chooses).
 
     Params: `embedding [vocab, width]`, `decoder/layers[_i]/...` (DecoderBlock),
@@ -70,7 +71,7 @@ class DecoderLM(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan: bool = True
-    remat: bool = False
+    remat: bool | str = False
     attention_impl: str | None = None
 
     def setup(self) -> None:

@@ -58,7 +58,8 @@ class VisionTransformer(nn.Module):
         layernorm_eps).
       dtype: compute dtype. param_dtype: storage dtype of the params.
       scan: scan the encoder blocks (params stacked under `layers`) or unroll (`layers_{i}`).
-      remat: rematerialise block activations in the backward pass.
+      remat: rematerialise block activations in the backward pass (False or a policy name of
+        `layers.REMAT_POLICIES`).
       attention_impl: `jax.nn.dot_product_attention` implementation (None = JAX chooses).
 
     Params: `patch_embed/{kernel [p, p, 3, width], bias [width]}`, `pos_embed [patches, width]`,
@@ -69,7 +70,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan: bool = True
-    remat: bool = False
+    remat: bool | str = False
     attention_impl: str | None = None
 
     @nn.compact

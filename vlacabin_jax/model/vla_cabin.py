@@ -40,7 +40,7 @@ class VLACabin(nn.Module):
         c = self.cfg
         kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
         anchor = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.anchor_dtype), scan=c.scan_layers,
-                      remat=c.remat, attention_impl=c.attention_impl or None)
+                      remat=c.remat and c.remat_policy, attention_impl=c.attention_impl or None)
         self.vit = VisionTransformer(c.vit, **anchor)
         self.lm = DecoderLM(c.lm, **anchor)
         self.speech_encoder = encoders.SpeechEncoder(c, **kw)
@@ -107,7 +107,9 @@ class VLACabin(nn.Module):
         # Masked slots take no position, so the queries sit right after the last real token.
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
         hidden = self.lm(seq, mask, positions)
-        return self.connector(hidden[:, -queries.shape[1]:])
+        if self.cfg.bridge.connector_reads == "queries":
+            hidden, mask = hidden[:, -queries.shape[1]:], mask[:, -queries.shape[1]:]
+        return self.connector(hidden, mask)
 
     # ----------------------------------------------------------------------------- training
     def train_outputs(self, batch: dict, t_source_fraction: float, t_beta: float,

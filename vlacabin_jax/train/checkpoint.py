@@ -431,7 +431,7 @@ def compatibility_problems(saved_config: dict, saved_meta: dict, config: dict, s
                         f"{FORMAT_VERSION}")
     old, new = _flatten(saved_config.get("model", {}), "model."), _flatten(config["model"], "model.")
     # Compute dtype, remat, attention kernel and layer scanning do not change the stored params.
-    free = {"model.dtype", "model.remat", "model.attention_impl", "model.dnfm.sample_steps",
+    free = {"model.dtype", "model.remat", "model.remat_policy", "model.attention_impl", "model.dnfm.sample_steps",
             "model.anchor_weights"}  # the anchor is in the checkpoint; its source file is read once
     for key in sorted(set(old) | set(new)):
         if key not in free and old.get(key) != new.get(key):

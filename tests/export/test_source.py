@@ -1,0 +1,39 @@
+"""Reading a checkpoint's saved config (`export.source.config_from_json`) and the mirror's format check."""
+import json
+
+import pytest
+
+from configs.vla_cabin import get_config
+from vlacabin_jax.export import torch_model
+from vlacabin_jax.export.source import ExportInputError, config_from_json
+
+
+def saved_config(variant: str = "tiny") -> dict:
+    return json.loads(get_config(variant).to_json())
+
+
+def test_saved_values_win_over_the_preset():
+    saved = saved_config()
+    saved["model"]["dnfm"]["temperature"] = 0.25
+    assert config_from_json(saved).model.dnfm.temperature == 0.25
+
+
+def test_a_field_added_later_takes_the_value_that_reproduces_the_checkpoint():
+    saved = saved_config()
+    assert saved["model"]["bridge"]["connector_reads"] == "all"  # the tiny preset today
+    assert config_from_json(saved).model.bridge.connector_reads == "all"
+    del saved["model"]["bridge"]["connector_reads"]  # a checkpoint written before the field existed
+    assert config_from_json(saved).model.bridge.connector_reads == "queries"
+
+
+def test_unknown_field_is_refused():
+    saved = saved_config()
+    saved["model"]["bridge"]["mystery"] = 1
+    with pytest.raises(ExportInputError, match="model.bridge.mystery, which this code does not know"):
+        config_from_json(saved)
+
+
+def test_mirror_refuses_an_older_export_format():
+    config = {"format": torch_model.FORMAT, "format_version": torch_model.FORMAT_VERSION - 1, "steps": 4}
+    with pytest.raises(ValueError, match="export the checkpoint again with this code"):
+        torch_model.check_config(config)
