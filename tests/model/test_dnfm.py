@@ -11,6 +11,8 @@ from vlacabin_jax.model import dnfm
 from vlacabin_jax.model import functional as F
 from vlacabin_jax.model.losses import min_pairwise_distance
 
+STEPS = 200  # Adam steps of the toy fit: every sampled token is right at 200 (300 was the old budget)
+
 
 def test_euler_sampler_integrates_exactly_for_constant_and_linear_fields():
     z0 = jnp.arange(12.0).reshape(1, 3, 4)
@@ -28,7 +30,7 @@ def test_model_fits_toy_batch_and_codebook_stays_apart(tiny_cfg):
     trainable, frozen = F.init_params(tiny_cfg, jax.random.key(0))
     trainable, frozen = nn.unbox(trainable), nn.unbox(frozen)
     # A decaying rate ends the fit cleanly instead of on a noisy Adam step.
-    tx = optax.adam(optax.cosine_decay_schedule(2e-3, 300))
+    tx = optax.adam(optax.cosine_decay_schedule(2e-3, STEPS))
     opt_state = tx.init(trainable)
 
     def codebook(params):
@@ -43,7 +45,7 @@ def test_model_fits_toy_batch_and_codebook_stays_apart(tiny_cfg):
         return optax.apply_updates(params, updates), opt_state, metrics
 
     start_distance = float(min_pairwise_distance(codebook(trainable)))
-    for i in range(300):
+    for i in range(STEPS):
         trainable, opt_state, metrics = step(trainable, opt_state, i)
     end_distance = float(min_pairwise_distance(codebook(trainable)))
     print(f"codebook min pairwise distance {start_distance:.3f} -> {end_distance:.3f}")

@@ -91,8 +91,9 @@ def test_infer_shapes_and_token_ranges(model, tiny_cfg):
     trainable, frozen, _ = model
     batch = random_batch(tiny_cfg, 3)
     m = tiny_cfg.model
-    for steps in (1, 3):
-        actions, explanation = jax.jit(lambda p, f, b: F.infer(p, f, b, tiny_cfg, steps))(trainable, frozen, batch)
+    # One program for both samplers: they share the encoders and bridge (compiled once).
+    both = jax.jit(lambda p, f, b: [F.infer(p, f, b, tiny_cfg, steps) for steps in (1, 3)])(trainable, frozen, batch)
+    for actions, explanation in both:
         assert actions.shape == (3, m.action_len) and actions.dtype == jnp.int32
         assert explanation.shape == (3, m.explain_len) and explanation.dtype == jnp.int32
         assert int(actions.min()) >= 0 and int(actions.max()) < m.dnfm.vocab_size
