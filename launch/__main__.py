@@ -121,6 +121,10 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         fail("--workdir is required, e.g. --workdir runs/demo")
     logging.set_verbosity(logging.WARNING)
+    # Before the first JAX import: XLA reads these flags once (see vlacabin_jax/xla_cpu.py).
+    from vlacabin_jax.xla_cpu import with_cpu_flags
+
+    os.environ["XLA_FLAGS"] = with_cpu_flags(os.environ.get("XLA_FLAGS", ""))
 
     # Imported here so that `--help` and flag errors stay fast.
     from vlacabin_jax.config import ConfigError, validate

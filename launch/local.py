@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from vlacabin_jax.xla_cpu import with_cpu_flags
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (the coordinator binds it a moment later)."""
@@ -35,8 +37,7 @@ def free_port() -> int:
 def process_env(devices: int, base: dict | None = None) -> dict:
     """The environment of one local process: CPU backend, `devices` simulated devices, gloo."""
     env = dict(os.environ if base is None else base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["XLA_FLAGS"] = with_cpu_flags(env.get("XLA_FLAGS", ""), devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
     return env

@@ -6,9 +6,9 @@ Compiled programs go to one persistent cache per test session (`VLACABIN_JAX_CAC
 import os
 import pathlib
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from vlacabin_jax.xla_cpu import with_cpu_flags  # imports no JAX, so the flags still count
+
+os.environ["XLA_FLAGS"] = with_cpu_flags(os.environ.get("XLA_FLAGS", ""), devices=8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "VLACABIN_JAX_CACHE", str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))

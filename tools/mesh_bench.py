@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 RESULT_PREFIX = "MESH_BENCH_RESULT "
+# A train worker prints its compiled program's analysis (memory, collectives, compile time) before
+# running it: a mesh whose steps deadlock still reports what XLA compiled for it.
+COMPILED_PREFIX = "MESH_BENCH_COMPILED "
 
 
 def cpu_flags(terminate_s: int = 10) -> tuple[str, ...]:
@@ -109,11 +112,11 @@ def check_mesh_fits(cfg, mesh: tuple[int, int, int], available: int | None) -> N
 def worker_env(devices: int, cache_dir: str, collective_timeout_s: int = 10) -> dict[str, str]:
     """Environment of a worker: `devices` simulated CPU devices (ignored by GPU backends), the
     stuck-collective timeouts of XLA:CPU, and the compilation cache."""
+    from vlacabin_jax.xla_cpu import with_cpu_flags
+
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith(("--xla_force_host_platform_device_count", "--xla_cpu_collective_call"))]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
-                                         *cpu_flags(collective_timeout_s)])
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_cpu_collective_call")]
+    env["XLA_FLAGS"] = " ".join([with_cpu_flags(" ".join(flags), devices), *cpu_flags(collective_timeout_s)])
     env["MESH_BENCH_CACHE"] = cache_dir
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
@@ -124,17 +127,19 @@ def run_worker(argv: list[str], devices: int, cache_dir: str, timeout: float, re
                label: str, collective_timeout_s: int = 10) -> dict:
     """Runs `python -m tools.mesh_bench --worker ...` until it reports, at most 1 + `retries` times.
 
-    Returns the worker's result dict, or {"error": last line of its stderr, "attempts": n}.
+    Returns the worker's result dict, or {"error": last line of its stderr, "attempts": n} plus
+    "compiled": the compile-time analysis of the last attempt that got that far (if any did).
     """
     cmd = [sys.executable, "-m", "tools.mesh_bench", "--worker", *argv]
-    error = ""
+    error, compiled = "", {}
     for attempt in range(1, retries + 2):
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=worker_env(devices, cache_dir, collective_timeout_s),
                                   capture_output=True, text=True,
                                   timeout=timeout, cwd=str(Path(__file__).resolve().parent.parent))
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
+            compiled = _compiled_info(e.stdout) or compiled
             error = f"timed out after {timeout:.0f} s"
             print(f"  {label}: attempt {attempt} {error}", file=sys.stderr, flush=True)
             continue
@@ -144,11 +149,22 @@ def run_worker(argv: list[str], devices: int, cache_dir: str, timeout: float, re
                 result["attempts"] = attempt
                 result["wall_s"] = time.perf_counter() - t0
                 return result
+        compiled = _compiled_info(proc.stdout) or compiled
         error = _failure_line(proc.stderr, proc.returncode)
         print(f"  {label}: attempt {attempt} failed (exit {proc.returncode}): {error}", file=sys.stderr, flush=True)
         if proc.returncode == 2:  # unusable input (BenchError): the same again would fail the same way
             return {"error": error, "attempts": attempt}
-    return {"error": error, "attempts": retries + 1}
+    return {"error": error, "attempts": retries + 1, **({"compiled": compiled} if compiled else {})}
+
+
+def _compiled_info(stdout: str | bytes | None) -> dict:
+    """The COMPILED_PREFIX record in a worker's (possibly partial) stdout, else {}."""
+    if isinstance(stdout, bytes):  # TimeoutExpired carries bytes even under text=True
+        stdout = stdout.decode(errors="replace")
+    for line in (stdout or "").splitlines():
+        if line.startswith(COMPILED_PREFIX):
+            return json.loads(line[len(COMPILED_PREFIX):])
+    return {}
 
 
 def _failure_line(stderr: str, returncode: int) -> str:
@@ -158,9 +174,14 @@ def _failure_line(stderr: str, returncode: int) -> str:
     for pattern in (r"^error: ", r"^F\d{4} ", r"(Error|Exception|timeout|Timeout)\b"):
         hits = [ln for ln in lines if re.search(pattern, ln)]
         if hits:
-            return hits[-1][-300:]
+            return _shorten(hits[-1])
     plain = [ln for ln in lines if not ln.startswith(("@", "*", "PC:", "W0", "I0"))]
-    return (plain[-1] if plain else f"exit code {returncode}")[-300:]
+    return _shorten(plain[-1] if plain else f"exit code {returncode}")
+
+
+def _shorten(line: str, limit: int = 300) -> str:
+    """Both ends of a long line: XLA's say what timed out first and who did not arrive last."""
+    return line if len(line) <= limit else f"{line[:limit // 2]} ... {line[-(limit // 2 - 5):]}"
 
 
 def worker_main(args: argparse.Namespace) -> int:

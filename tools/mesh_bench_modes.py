@@ -44,7 +44,12 @@ def run_worker_task(args: argparse.Namespace) -> dict:
     if args.task == "train":
         from vlacabin_jax.perf import measure
 
-        return measure.measure_train_step(cfg, mesh, args.steps)
+        from tools.mesh_bench import COMPILED_PREFIX
+
+        def report_compiled(info: dict) -> None:
+            print(COMPILED_PREFIX + json.dumps(info), flush=True)
+
+        return measure.measure_train_step(cfg, mesh, args.steps, on_compiled=report_compiled)
     if args.task == "vs_torch":
         return _vs_torch_worker(cfg, mesh, args.steps)
     if args.task == "inference":
@@ -197,11 +202,16 @@ def sweep_table(cfg, rows: list[dict], baseline: dict | None, batch: int) -> str
     lines = [head]
     t1 = baseline.get("median_step_s") if baseline and "error" not in baseline else None
     for r in ([baseline] if baseline else []) + rows:
-        if "error" in r:
+        if "error" in r and not r.get("compiled"):
             lines.append(f"{r['mesh']:8} FAILED after {r['attempts']} attempts: {r['error']}")
             continue
+        failed = "error" in r
+        if failed:  # it compiled but its steps did not finish: the program's figures, no times
+            r = {**r["compiled"], "mesh": r["mesh"], "analytic_bytes": r.get("analytic_bytes", {}),
+                 "median_step_s": None, "samples_per_s": None, "allocator": {}, "error": r["error"],
+                 "attempts": r["attempts"]}
         n = math.prod(parse_mesh(r["mesh"]))
-        step = r["median_step_s"]
+        step, rate = r["median_step_s"], r["samples_per_s"]
         eff = t1 / (n * step) if t1 and step else None  # strong scaling: same global batch
         peak = r["memory"].get("peak_bytes")
         alloc = r["allocator"].get("peak_memory_gib")
@@ -209,10 +219,13 @@ def sweep_table(cfg, rows: list[dict], baseline: dict | None, batch: int) -> str
         colls = " | ".join(f"{measured[k] / _MB:.2f} ({minimum.get(k, 0.0) / _MB:.2f})" if k != "collective-permute"
                            else f"{measured[k] / _MB:.2f}" for k in KINDS)
         cached = "*" if r.get("compile_cache_hit") else " "
-        lines.append(f"{r['mesh']:8} {step * 1e3:9.1f} {r['samples_per_s']:10.1f} {r['samples_per_s'] / n:8.1f} "
+        lines.append(f"{r['mesh']:8} {_fmt(step and step * 1e3, '9.1f'):>9} {_fmt(rate, '10.1f'):>10} "
+                     f"{_fmt(rate and rate / n, '8.1f'):>8} "
                      f"{_fmt(eff, '6.2f'):>6} {_fmt(peak and peak / 2**20, '9.1f'):>9} "
                      f"{_fmt(alloc and alloc * 1024, '9.1f'):>9} {r['compile_s']:9.1f}{cached} {_fmt(r.get('mfu'), '5.1%'):>5}  "
                      f"{colls}")
+        if failed:
+            lines.append(f"{'':8} ^ compiled, but its steps FAILED after {r['attempts']} attempts: {r['error']}")
     lines.append(f"global batch {batch}; eff = T(1 device) / (devices x T(mesh)) at the same global batch; "
                  f"peak = XLA memory analysis per device (arguments + outputs + temporaries - aliases); "
                  f"alloc = allocator peak where the backend reports it; * = compile loaded from the cache; "
@@ -231,11 +244,13 @@ def plot_sweep(rows: list[dict], baseline: dict | None, path: Path, title: str) 
     import matplotlib.pyplot as plt
 
     ok = [r for r in ([baseline] if baseline else []) + rows if "error" not in r]
+    compiled = ok + [{**r["compiled"], "mesh": r["mesh"], "analytic_bytes": r.get("analytic_bytes", {})}
+                     for r in rows if "error" in r and r.get("compiled")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.bar([r["mesh"] for r in ok], [r["median_step_s"] * 1e3 for r in ok], color="tab:blue")
     a.set_ylabel("median step time (ms)")
     a.set_title(f"{title}: step time per mesh")
-    meshes = [r for r in ok if r["mesh"] != "1x1x1"]
+    meshes = [r for r in compiled if r["mesh"] != "1x1x1"]
     width = 0.8 / max(len(meshes), 1)
     for i, r in enumerate(meshes):
         xs = [k + i * width for k in range(len(KINDS))]

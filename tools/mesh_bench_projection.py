@@ -65,8 +65,9 @@ def project(args: argparse.Namespace) -> int:
             layout = dict(zip(AXES, parse_mesh(layout_name)))
             measured = None
             if sweep_payload:
-                measured = next((r for r in sweep_payload["meshes"] if r["mesh"] == source_mesh and "error" not in r),
-                                None)
+                # A mesh whose steps failed still has its compiled program's collectives.
+                measured = next((r if "error" not in r else r["compiled"] for r in sweep_payload["meshes"]
+                                 if r["mesh"] == source_mesh and ("error" not in r or r.get("compiled"))), None)
             if measured is not None:
                 traffic, source = _measured_traffic(measured), "HLO " + source_mesh
             else:

@@ -66,6 +66,10 @@ def test_failure_line_prefers_the_fatal_log_line_over_stack_frames():
               "*** Check failure stack trace: ***\n    @     0x7f00 (unknown)\n")
     assert "Termination timeout" in mesh_bench._failure_line(stderr, -6)
     assert mesh_bench._failure_line("", -9) == "exit code -9"
+    long = ("F1201 cpu_collectives.cc:99] Termination timeout for `all gather RendezvousKey{" + "x" * 400
+            + "}` exceeded. Expected 2 threads to join the rendezvous, but only 1 of them arrived on time.")
+    line = mesh_bench._failure_line(long, -6)
+    assert len(line) <= 300 and "Termination timeout" in line and line.endswith("arrived on time.")
 
 
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
@@ -77,3 +81,43 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.mesh_bench", "--meshes", "9x1x1", "--out", str(tmp_path)],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: mesh 9x1x1 needs 9 devices")
+
+
+def test_a_mesh_that_compiles_but_deadlocks_keeps_its_compiled_figures(monkeypatch, tmp_path):
+    import json
+    import subprocess
+
+    from tools.mesh_bench_modes import sweep_table
+
+    compiled = {"compile_s": 612.0, "compile_cache_hit": False, "memory": {"peak_bytes": 300 * 2**20},
+                "hlo_flops": 1e12, "collectives": [{"kind": "all-reduce", "bytes": 2e6, "count": 3, "group_size": 2,
+                                                    "axes": ["data"]}]}
+    attempts = []
+
+    def deadlocking_worker(cmd, **kwargs):
+        attempts.append(cmd)
+        stdout = "loading\n" + mesh_bench.COMPILED_PREFIX + json.dumps(compiled) + "\n"
+        if len(attempts) == 2:  # the second attempt is killed before it prints its analysis
+            raise subprocess.TimeoutExpired(cmd, 5.0, output=b"loading\n")
+        return subprocess.CompletedProcess(cmd, -6, stdout, "F1201 cpu_collectives.cc:99] Termination timeout\n")
+
+    monkeypatch.setattr(mesh_bench.subprocess, "run", deadlocking_worker)
+    result = mesh_bench.run_worker(["--mesh", "2x2x2"], 8, "none", 5.0, 2, "small 2x2x2")
+    assert len(attempts) == 3 and result["attempts"] == 3 and "Termination timeout" in result["error"]
+    assert result["compiled"] == compiled
+    row = {**result, "mesh": "2x2x2", "analytic_bytes": {"all-reduce": 4e6}}
+    table = sweep_table(None, [row], None, 64).splitlines()
+    line = next(ln for ln in table if ln.startswith("2x2x2"))
+    assert "300.0" in line and "612.0" in line and "6.00 (4.00)" in line  # peak MiB, compile s, AR MB
+    assert line.split()[1] == "-"  # no step time
+    assert "FAILED after 3 attempts" in table[table.index(line) + 1]
+    # The projection takes that mesh's compiled collectives for its 128-GPU layout.
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"config": "configs/vla_cabin.py:tiny", "global_batch": 16,
+                                                      "meshes": [row]}))
+    assert mesh_bench.main(["--project", "--configs", "tiny", "--sweeps", str(sweep_dir),
+                            "--out", str(tmp_path / "proj")]) == 0
+    rows = json.loads((tmp_path / "proj" / "projection.json").read_text())["rows"]
+    assert {r["source"] for r in rows if r["layout"] == "16x4x2"} == {"HLO 2x2x2"}
+    assert {r["source"] for r in rows if r["layout"] == "128x1x1"} == {"analytic"}

@@ -23,9 +23,15 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-position cross-entropy: logits [..., vocab] float, labels [...] int → [...]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    """Per-position cross-entropy: logits [..., vocab] float, labels [...] int → [...].
+
+    The label's logit is picked with an iota compare rather than `take_along_axis`: the backward
+    is then softmax minus a one-hot, one elementwise fusion, where a gather's is a scatter-add
+    into a zero [..., vocab] buffer plus a transposing copy (5 of tiny's 80 ms step on CPU).
+    """
+    logits = logits.astype(jnp.float32)
+    is_label = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1)
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:

@@ -117,19 +117,24 @@ def prepare_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh, batch: dict[s
 
 
 def measure_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh, steps: int, warmup: int = 1,
-                       batch: dict[str, np.ndarray] | None = None) -> dict:
+                       batch: dict[str, np.ndarray] | None = None,
+                       on_compiled: Callable[[dict], None] | None = None) -> dict:
     """Compile and run the train step of `cfg` on `mesh`.
 
     Args:
       cfg: full config; its `train.global_batch_size` rows make one batch.
       steps: timed steps (after `warmup` untimed ones).
       batch: host batch [B, ...] (default: `one_batch`).
+      on_compiled: called with the compile-time info (`prepare_train_step`'s, without "last")
+        before the first step runs, so a caller keeps the program's analysis if the run dies.
     Returns:
       `prepare_train_step`'s info plus {"step_times_s": [steps], "median_step_s", "samples_per_s",
       "allocator": `metrics.memory_stats` (GiB; {} on CPU), "model_flops_per_step", "mfu" (on a
       known accelerator, else None), "platform", "device_kind", "loss"}.
     """
     run, info = prepare_train_step(cfg, mesh, batch)
+    if on_compiled is not None:
+        on_compiled({k: v for k, v in info.items() if k != "last"})
     for _ in range(warmup):
         run()
     times = [run() for _ in range(steps)]

@@ -99,19 +99,6 @@ def _grads_and_metrics(cfg: ml_collections.ConfigDict, state: TrainState, batch:
     return (jax.tree.map(lambda g: g / accum, g_sum), jax.tree.map(lambda m: m / accum, m_sum))
 
 
-def cpu_compiler_options(mesh: Mesh) -> dict | None:
-    """XLA:CPU with several (simulated) devices: schedule for memory, not concurrency.
-
-    The concurrency-optimised schedule lets one device run many independent collectives at once,
-    each holding a thread of the CPU client until its peers arrive; with few cores the peers then
-    find no thread and the step deadlocks (seen with the 2x4x1 mesh on 2 cores). Other backends:
-    defaults.
-    """
-    if mesh.devices.flat[0].platform == "cpu" and mesh.size > 1:
-        return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-    return None
-
-
 def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
                     state_shardings: TrainState) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step: `(state, batch) -> (state', metrics)`, `state` donated.
@@ -143,8 +130,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
         return new_state, metrics
 
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings(cfg, mesh)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
-                   compiler_options=cpu_compiler_options(mesh))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
@@ -163,4 +149,4 @@ def make_eval_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
         return {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings(cfg, mesh)),
-                   out_shardings=replicated, compiler_options=cpu_compiler_options(mesh))
+                   out_shardings=replicated)
