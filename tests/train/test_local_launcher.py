@@ -16,7 +16,8 @@ def test_each_process_gets_its_id_the_shared_coordinator_and_its_devices():
         assert "--coordinator_address=127.0.0.1:12345" in cmd
         assert "--num_processes=3" in cmd and f"--process_id={i}" in cmd
     env = local.process_env(4, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d"})
-    assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/d", "--xla_force_host_platform_device_count=4"]
+    assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/d", "--xla_force_host_platform_device_count=4",
+                                        "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
     assert env["JAX_PLATFORMS"] == "cpu" and env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
     assert local.free_port() > 0
 
