@@ -17,8 +17,8 @@ import math
 import os
 from pathlib import Path
 
-from tools.mesh_bench import (BenchError, check_mesh_fits, load_config, mesh_name, parse_ints, parse_mesh,
-                              run_worker)
+from tools.mesh_bench import (COMPILED_PREFIX, BenchError, check_mesh_fits, load_config, mesh_name, parse_ints,
+                              parse_mesh, run_worker)
 
 AXES = ("data", "fsdp", "tensor")
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -43,8 +43,6 @@ def run_worker_task(args: argparse.Namespace) -> dict:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     if args.task == "train":
         from vlacabin_jax.perf import measure
-
-        from tools.mesh_bench import COMPILED_PREFIX
 
         def report_compiled(info: dict) -> None:
             print(COMPILED_PREFIX + json.dumps(info), flush=True)
@@ -139,6 +137,17 @@ def _measure(args, cfg_spec: str, mesh: tuple[int, int, int], cache: str, global
     return run_worker(argv, math.prod(mesh), cache, args.timeout, args.retries, label, args.collective_timeout)
 
 
+def compiled_view(row: dict) -> dict | None:
+    """A sweep row as far as it got: the row itself if its steps ran; if it compiled but its
+    steps failed, the compiled program's analysis (memory, compile time, collectives) under the
+    row's mesh and analytic bytes, with no step figures; None if it never compiled."""
+    if "error" not in row:
+        return row
+    if not row.get("compiled"):
+        return None
+    return {**row["compiled"], "mesh": row["mesh"], "analytic_bytes": row.get("analytic_bytes", {})}
+
+
 def _collective_bytes(result: dict) -> dict[str, float]:
     out = {k: 0.0 for k in KINDS}
     for c in result.get("collectives", []):
@@ -201,20 +210,16 @@ def sweep_table(cfg, rows: list[dict], baseline: dict | None, batch: int) -> str
             f"AG | RS | AR | A2A | CP")
     lines = [head]
     t1 = baseline.get("median_step_s") if baseline and "error" not in baseline else None
-    for r in ([baseline] if baseline else []) + rows:
-        if "error" in r and not r.get("compiled"):
-            lines.append(f"{r['mesh']:8} FAILED after {r['attempts']} attempts: {r['error']}")
+    for row in ([baseline] if baseline else []) + rows:
+        r = compiled_view(row)
+        if r is None:
+            lines.append(f"{row['mesh']:8} FAILED after {row['attempts']} attempts: {row['error']}")
             continue
-        failed = "error" in r
-        if failed:  # it compiled but its steps did not finish: the program's figures, no times
-            r = {**r["compiled"], "mesh": r["mesh"], "analytic_bytes": r.get("analytic_bytes", {}),
-                 "median_step_s": None, "samples_per_s": None, "allocator": {}, "error": r["error"],
-                 "attempts": r["attempts"]}
         n = math.prod(parse_mesh(r["mesh"]))
-        step, rate = r["median_step_s"], r["samples_per_s"]
+        step, rate = r.get("median_step_s"), r.get("samples_per_s")
         eff = t1 / (n * step) if t1 and step else None  # strong scaling: same global batch
         peak = r["memory"].get("peak_bytes")
-        alloc = r["allocator"].get("peak_memory_gib")
+        alloc = r.get("allocator", {}).get("peak_memory_gib")
         measured, minimum = _collective_bytes(r), r.get("analytic_bytes", {})
         colls = " | ".join(f"{measured[k] / _MB:.2f} ({minimum.get(k, 0.0) / _MB:.2f})" if k != "collective-permute"
                            else f"{measured[k] / _MB:.2f}" for k in KINDS)
@@ -224,8 +229,8 @@ def sweep_table(cfg, rows: list[dict], baseline: dict | None, batch: int) -> str
                      f"{_fmt(eff, '6.2f'):>6} {_fmt(peak and peak / 2**20, '9.1f'):>9} "
                      f"{_fmt(alloc and alloc * 1024, '9.1f'):>9} {r['compile_s']:9.1f}{cached} {_fmt(r.get('mfu'), '5.1%'):>5}  "
                      f"{colls}")
-        if failed:
-            lines.append(f"{'':8} ^ compiled, but its steps FAILED after {r['attempts']} attempts: {r['error']}")
+        if "error" in row:
+            lines.append(f"{'':8} ^ compiled, but its steps FAILED after {row['attempts']} attempts: {row['error']}")
     lines.append(f"global batch {batch}; eff = T(1 device) / (devices x T(mesh)) at the same global batch; "
                  f"peak = XLA memory analysis per device (arguments + outputs + temporaries - aliases); "
                  f"alloc = allocator peak where the backend reports it; * = compile loaded from the cache; "
@@ -244,8 +249,7 @@ def plot_sweep(rows: list[dict], baseline: dict | None, path: Path, title: str) 
     import matplotlib.pyplot as plt
 
     ok = [r for r in ([baseline] if baseline else []) + rows if "error" not in r]
-    compiled = ok + [{**r["compiled"], "mesh": r["mesh"], "analytic_bytes": r.get("analytic_bytes", {})}
-                     for r in rows if "error" in r and r.get("compiled")]
+    compiled = [c for c in map(compiled_view, rows) if c is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.bar([r["mesh"] for r in ok], [r["median_step_s"] * 1e3 for r in ok], color="tab:blue")
     a.set_ylabel("median step time (ms)")

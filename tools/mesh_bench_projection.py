@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from tools.mesh_bench import BenchError, load_config, parse_mesh
-from tools.mesh_bench_modes import AXES, _write
+from tools.mesh_bench_modes import AXES, _write, compiled_view
 
 # Cluster layouts of 128 GPUs and the 8-device mesh whose measured collectives stand in for them
 # (the same axes are sharded, so the same collectives run over larger groups).
@@ -66,8 +66,8 @@ def project(args: argparse.Namespace) -> int:
             measured = None
             if sweep_payload:
                 # A mesh whose steps failed still has its compiled program's collectives.
-                measured = next((r if "error" not in r else r["compiled"] for r in sweep_payload["meshes"]
-                                 if r["mesh"] == source_mesh and ("error" not in r or r.get("compiled"))), None)
+                measured = next((compiled_view(r) for r in sweep_payload["meshes"]
+                                 if r["mesh"] == source_mesh and compiled_view(r) is not None), None)
             if measured is not None:
                 traffic, source = _measured_traffic(measured), "HLO " + source_mesh
             else:

@@ -27,7 +27,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     The label's logit is picked with an iota compare rather than `take_along_axis`: the backward
     is then softmax minus a one-hot, one elementwise fusion, where a gather's is a scatter-add
-    into a zero [..., vocab] buffer plus a transposing copy (5 of tiny's 80 ms step on CPU).
+    into a zero [..., vocab] buffer plus a transposing copy (4.7 ms of tiny's 80 ms step on CPU).
     """
     logits = logits.astype(jnp.float32)
     is_label = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
