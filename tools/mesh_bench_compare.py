@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tools.mesh_bench import check_mesh_fits, load_config, mesh_name, parse_mesh
-from tools.mesh_bench_modes import _cache_dir, _measure, _write
+from tools.mesh_bench_modes import _cache_dir, _measure, _publish
 
 
 # ------------------------------------------------------------------------------------ JAX vs PyTorch
@@ -52,10 +52,7 @@ def vs_torch(args: argparse.Namespace) -> int:
                  f"AdamW, clipping; torch.compile compiles the loss and its backward, the optimizer stays eager. "
                  f"First step = compile (JAX: lower + compile).")
     text = "\n".join(lines)
-    print(text)
-    path = _write(out, "vs_torch.json", {**r, "table": text})
-    print(f"wrote {path}")
-    return 0
+    return _publish(out, "vs_torch.json", r, text)
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -82,10 +79,7 @@ def inference(args: argparse.Namespace) -> int:
                  f"fixed buffer, no KV cache; random weights); 'vs AR' = this / autoregressive; target 30 Hz "
                  f"(<= 33 ms) for base on one GPU.")
     text = "\n".join(lines)
-    print(text)
-    path = _write(out, "inference.json", {**r, "table": text})
-    print(f"wrote {path}")
-    return 0
+    return _publish(out, "inference.json", r, text)
 
 
 # ------------------------------------------------------------------------------------ compile cache
@@ -112,10 +106,7 @@ def compile_cache(args: argparse.Namespace) -> int:
                      f"process {r['wall_s']:.1f} s")
     lines.append(f"  second / first = {second / first:.3f}")
     text = "\n".join(lines)
-    print(text)
-    path = _write(out, "compile_cache.json", {"cache_dir": cache, "runs": runs, "table": text})
-    print(f"wrote {path}")
-    return 0
+    return _publish(out, "compile_cache.json", {"cache_dir": cache, "runs": runs}, text)
 
 
 # ------------------------------------------------------------------------------------ FLOPs / MFU analysis
@@ -171,7 +162,4 @@ def flops(args: argparse.Namespace) -> int:
                  + ("" if device_peak else "No accelerator here: MFU itself needs a GPU/TPU run (the sweep's "
                                            "1-device row reports it there)."))
     text = "\n".join(lines)
-    print(text)
-    path = _write(Path(args.out), "flops.json", {"config": args.config, "rows": rows, "table": text})
-    print(f"wrote {path}")
-    return 0
+    return _publish(Path(args.out), "flops.json", {"config": args.config, "rows": rows}, text)

@@ -159,6 +159,13 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _publish(out: Path, name: str, payload: dict, table: str) -> int:
+    """Prints a mode's table, writes `payload` plus the table to `out/name`; exit code 0."""
+    print(table)
+    print(f"wrote {_write(out, name, {**payload, 'table': table})}")
+    return 0
+
+
 def _write(out: Path, name: str, payload: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
@@ -308,10 +315,7 @@ def scaling(args: argparse.Namespace) -> int:
                  f"(T1 at batch {per_device}). Simulated CPU devices share the host's cores, so CPU "
                  f"efficiencies measure overheads, not a cluster.")
     text = "\n".join(lines)
-    print(text)
-    path = _write(out, "scaling.json", {"config": args.config, "strong": strong, "weak": weak, "table": text})
-    print(f"wrote {path}")
-    return 0
+    return _publish(out, "scaling.json", {"config": args.config, "strong": strong, "weak": weak}, text)
 
 
 # ------------------------------------------------------------------------------------ dispatch
