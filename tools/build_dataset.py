@@ -22,6 +22,10 @@ relative paths are relative to the JSONL file's directory.
     language     "en" | "zh" | ...                                         (default "en")
     scene        str or null: scene mode the turn belongs to               (default null)
     history      list of str: earlier turns of the dialogue                (default [])
+    history_actions  list of [executed, before] action-token pairs: what the cabin executed in
+                 the latest earlier turn, in order, each with `path=value` of the value that path
+                 had before it (`[["<noop>", "<noop>"]]` when that turn did nothing); checked
+                 against the action vocabulary, at most action_len - 1 pairs  (default [])
     audio        path to .wav (PCM, any rate; mono-mixed, turned into log-mel here: 25 ms Hann
                  window, 10 ms hop, n_mels HTK mel bins up to rate/2, natural log of power + 1e-6)
                  or .npy float32[T, n_mels] log-mel already; audio longer than data.mel_frames
@@ -61,7 +65,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vlacabin_jax.data import actions, cabin, pipeline, records, shards
+from vlacabin_jax.data import actions, cabin, features, pipeline, records, shards
 from vlacabin_jax.data.spec import KINDS
 
 
@@ -250,8 +254,21 @@ def _state(obj: dict, base: Path) -> cabin.CabinState | None:
         raise BuildError(f"state: {e}") from None
 
 
-_LOG_FIELDS = {"kind", "text", "split", "id", "language", "scene", "history", "audio", "image",
-               "frames", "state", "constraint_tags", "actions", "explanation"}
+_LOG_FIELDS = {"kind", "text", "split", "id", "language", "scene", "history", "history_actions", "audio",
+               "image", "frames", "state", "constraint_tags", "actions", "explanation"}
+
+
+def _history_actions(obj: dict, cfg, vocab: actions.ActionVocabulary) -> list[list[str]]:
+    """The checked `history_actions` of a log object (the earlier turn's action log)."""
+    log = obj.get("history_actions", [])
+    if not isinstance(log, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in log):
+        raise BuildError("'history_actions' must be a list of [executed, before] action-token pairs")
+    try:  # the featurizer's own checks: tokens in the vocabulary, paths paired, fits action_len
+        features.history_rows(log, int(cfg.model.action_len), vocab)
+    except ValueError as e:
+        raise BuildError(f"history_actions {log}: {e}") from None
+    return [list(p) for p in log]
 
 
 def log_sample(obj: dict, base: Path, cfg, vocab: actions.ActionVocabulary, sample_id: int) -> dict:
@@ -276,10 +293,12 @@ def log_sample(obj: dict, base: Path, cfg, vocab: actions.ActionVocabulary, samp
         if len(acts) > cfg.model.action_len - 1:
             raise BuildError(f"{len(acts)} actions do not fit this config's action_len "
                              f"{cfg.model.action_len} (at most {cfg.model.action_len - 1} + <eos>)")
+    history_actions = _history_actions(obj, cfg, vocab)
     state = _state(obj, base)
     num, cat = cabin.state_to_features(state) if state is not None else (None, None)
     sample = {"sample_id": int(sample_id), "kind": obj["kind"], "language": obj.get("language", "en"),
               "scene": obj.get("scene"), "text": obj["text"], "history": list(obj.get("history", [])),
+              "history_actions": history_actions,
               "mel": _mel(obj, base, cfg), "frames": _frames(obj, base, cfg),
               "state_numeric": num, "state_categorical": cat, "constraint_tags": list(tags),
               "actions": None if acts is None else list(acts), "explanation": obj.get("explanation"),

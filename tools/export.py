@@ -134,6 +134,7 @@ def export(checkpoint: str | os.PathLike | None = None, out: str | os.PathLike =
             raise _input_error("give --checkpoint (or --random-init with --config)")
         else:
             source = source_lib.from_checkpoint(checkpoint, config)
+    source_lib.check_exportable(source.cfg)  # a `source` passed in has not been checked yet
     k = int(source.cfg.model.dnfm.sample_steps if steps is None else steps)
     check_arguments(out, k, opset, overwrite)
     tokenizer_dir = _tokenizer_dir(source.cfg, tokenizer)

@@ -7,8 +7,10 @@ value checks in `CHECKS`; each check returns a list of problems.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -95,6 +97,10 @@ def check_model(cfg) -> list[str]:
             p.append(f"model.latent.{name} must be positive")
     if m.bridge.n_queries <= 0:
         p.append("model.bridge.n_queries must be positive")
+    if m.action_head not in ("dnfm", "autoregressive"):
+        p.append(f"model.action_head = {m.action_head!r}: use 'dnfm' or 'autoregressive'")
+    if not 0 <= m.state.numeric_fourier <= 16:
+        p.append(f"model.state.numeric_fourier = {m.state.numeric_fourier}: use 0 (off) .. 16 frequencies")
     return p + check_lora(cfg)
 
 
@@ -117,6 +123,9 @@ def check_lora(cfg) -> list[str]:
                  "'query,key,value,out,up,down', or set rank 0")
     if cfg.train.trainable not in TRAINABLE:
         p.append(f"train.trainable = {cfg.train.trainable!r}: use one of {', '.join(TRAINABLE)}")
+    elif cfg.train.trainable == "all_and_anchor" and cfg.model.anchor_weights:
+        p.append("train.trainable = 'all_and_anchor' with model.anchor_weights: imported anchors stay frozen; "
+                 "use train.trainable=all (or drop model.anchor_weights to train a random anchor)")
     elif cfg.train.trainable == "lora_and_heads" and lo.rank <= 0:
         p.append("train.trainable = 'lora_and_heads' needs adapters: set model.lora.rank > 0 "
                  "(e.g. --config.model.lora.rank=8)")
@@ -160,7 +169,7 @@ def check_loss_and_data(cfg) -> list[str]:
 
 
 STAGES = ("joint", "pretrain", "sft", "align")
-TRAINABLE = ("all", "lora_and_heads")  # see train.trainable in configs/vla_cabin.py
+TRAINABLE = ("all", "all_and_anchor", "lora_and_heads")  # see train.trainable in configs/vla_cabin.py
 
 
 def check_train(cfg) -> list[str]:
@@ -291,3 +300,41 @@ def config_to_json_dict(cfg: ml_collections.ConfigDict) -> dict:
             return x.item()
         return x
     return plain(cfg)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`path.py:variant` (a config file's `get_config(variant)`) plus `--config.a.b=value`
+    overrides (values parsed as Python literals, else kept as strings), validated.
+
+    Relative paths are taken from the working directory. Raises `ConfigError` with one line for a
+    missing file, a file that does not load, a malformed override, an unknown field or a bad value.
+    """
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path} (give configs/vla_cabin.py:VARIANT)")
+    mod_spec = importlib.util.spec_from_file_location("_vlacabin_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+        cfg = module.get_config(variant) if variant else module.get_config()
+    except Exception as e:  # a config file can fail in any way; all mean "not a usable config"
+        raise ConfigError(f"--config {spec}: {type(e).__name__}: {e}") from e
+    for item in overrides:
+        key, eq, text = item.removeprefix("--config.").partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must look like --config.a.b=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+            if node is None:
+                break
+        if node is None or leaf not in node:
+            raise ConfigError(f"override {item!r}: no config field {key}")
+        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
+    validate(cfg)
+    return cfg

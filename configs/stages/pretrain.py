@@ -2,7 +2,9 @@
 
 `--config configs/stages/pretrain.py:tiny`. The multimodal VAE terms (KL, cross-modal InfoNCE,
 reconstruction) and the explanation/caption head train; the DNFM action terms are off. Everything
-but the anchor trains.
+trains; on tiny (no imported anchor) the anchor too: a random anchor must learn before the later
+stages freeze it (with `model.anchor_weights`, set `train.trainable=all`: imported anchors stay
+frozen).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = base_config(variant)
     c.train.stage = "pretrain"
     c.train.init_from = ""  # a fresh start (or an earlier pretrain run's checkpoints/)
-    c.train.trainable = "all"
+    c.train.trainable = "all_and_anchor" if variant == "tiny" else "all"
     c.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
     c.loss.infonce_weight = 1.0
     c.loss.recon_weight = 1.0

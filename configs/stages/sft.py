@@ -3,7 +3,8 @@
 `--config configs/stages/sft.py:tiny --config.train.init_from=runs/pretrain/checkpoints` starts
 from the pretrain stage's params (fresh optimizer, step 0; the loaded / new / dropped params are
 printed and logged to events.jsonl). The DNFM terms and the explanation head train; the latent KL
-stays on as a regulariser, InfoNCE and reconstruction are off. Everything but the anchor trains.
+stays on as a regulariser, InfoNCE and reconstruction are off. Everything but the anchor trains
+(the anchor the pretrain stage trained, or an imported one, is frozen from here on).
 """
 
 from __future__ import annotations

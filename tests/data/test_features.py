@@ -9,8 +9,9 @@ from tokenizers import Tokenizer
 
 from configs.vla_cabin import get_config
 from vlacabin_jax.data import phrases, schema_sizes, spec, world
-from vlacabin_jax.data.actions import EOS_ID, ActionVocabulary
-from vlacabin_jax.data.features import TOKENIZER_DIR, encode_text, featurize, featurize_pair, load_tokenizer
+from vlacabin_jax.data.actions import EOS_ID, NOOP_ID, PAD_ID, ActionVocabulary, InvalidActionSequence
+from vlacabin_jax.data.features import (TOKENIZER_DIR, encode_text, featurize, featurize_pair, history_rows,
+                                        load_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,65 @@ def test_history_is_joined_with_sep_and_cut_oldest_first(tok, vocab):
     assert f["text_mask"].all() and f["text_tokens"][-len(cur):].tolist() == cur
     spoken = featurize(dict(s, text=""), cfg, tok, vocab)
     assert spoken["text_tokens"][spoken["text_mask"]].tolist()[-1] == sep
+
+
+def test_earlier_turn_action_log_layout(tok, vocab):
+    """A follow-up turn carries the earlier turn's executed tokens and the values they replaced."""
+    cfg = get_config("tiny")
+    undo = next(s for s in (gen(cfg, 4, i, "vla") for i in range(400))
+                if s["scene"] == "undo" and len(s["history_actions"]) >= 2 and s["history_actions"][0][0] != "<noop>")
+    f = featurize(undo, cfg, tok, vocab)
+    log = undo["history_actions"]
+    n = len(log)
+    assert f["history_actions"].tolist() == [vocab.token_id(e) for e, _ in log] + [EOS_ID] + [PAD_ID] * (7 - n)
+    assert f["history_before"].tolist() == [vocab.token_id(b) for _, b in log] + [PAD_ID] * (8 - n)
+    # Spelled out: executed ids, <eos>, <pad>; under each the before-token of its path.
+    log = [["climate.temp=21", "climate.temp=23"], ["climate.fan=3", "climate.fan=2"]]
+    acts, before = history_rows(log, 8, vocab)
+    t = vocab.token_id
+    assert acts.tolist() == [t("climate.temp=21"), t("climate.fan=3"), EOS_ID, 0, 0, 0, 0, 0]
+    assert before.tolist() == [t("climate.temp=23"), t("climate.fan=2"), 0, 0, 0, 0, 0, 0]
+    assert acts.dtype == before.dtype == np.int32
+    # An earlier turn that did nothing; no earlier turn; a sample without the field (old shards).
+    acts, before = history_rows([["<noop>", "<noop>"]], 8, vocab)
+    assert acts.tolist() == [NOOP_ID, EOS_ID] + [0] * 6 and before.tolist() == [NOOP_ID] + [0] * 7
+    for s in (dict(undo, history_actions=[]), {k: v for k, v in undo.items() if k != "history_actions"},
+              gen(cfg, 4, 1, "speech_text")):
+        f = featurize(s, cfg, tok, vocab)
+        assert not f["history_actions"].any() and not f["history_before"].any()
+
+
+def test_generated_logs_are_empty_without_an_earlier_turn(tok, vocab):
+    cfg = get_config("tiny")
+    kinds = set()
+    for i in range(200):
+        s = gen(cfg, 6, i, spec.KINDS[i % 4])
+        f = featurize(s, cfg, tok, vocab)
+        has_log = bool(f["history_actions"].any())
+        assert has_log == bool(s["history"]), (s["history"], s["history_actions"])
+        if has_log:  # aligned: a before-token exactly under each executed token, <pad> under <eos>
+            n = int((f["history_actions"] != PAD_ID).sum()) - 1
+            assert (f["history_before"][:n] != PAD_ID).all() and not f["history_before"][n:].any()
+            kinds.add(s["kind"])
+    assert kinds == {"vla"}
+
+
+def test_invalid_action_logs_raise(tok, vocab):
+    cfg = get_config("tiny")
+    s = gen(cfg, 4, 3, "vla")
+    too_long = [[f"seat.driver.heat={i % 4}", "seat.driver.heat=0"] for i in range(8)]
+    with pytest.raises(ValueError, match="history_actions: 8 actions do not fit action_len=8"):
+        featurize(dict(s, history_actions=too_long), cfg, tok, vocab)
+    with pytest.raises(ValueError, match="not a value of the path"):
+        featurize(dict(s, history_actions=[["climate.temp=21", "climate.fan=2"]]), cfg, tok, vocab)
+    with pytest.raises(ValueError, match="not a value of the path"):
+        featurize(dict(s, history_actions=[["<noop>", "climate.fan=2"]]), cfg, tok, vocab)
+    with pytest.raises(InvalidActionSequence, match="unknown before-token"):
+        featurize(dict(s, history_actions=[["climate.temp=21", "climate.temp=99"]]), cfg, tok, vocab)
+    with pytest.raises(InvalidActionSequence, match="history_actions: .*unknown action token"):
+        featurize(dict(s, history_actions=[["warp=9", "warp=1"]]), cfg, tok, vocab)
+    with pytest.raises(ValueError, match="pairs"):
+        featurize(dict(s, history_actions=[["climate.temp=21"]]), cfg, tok, vocab)
 
 
 def test_invalid_inputs_raise(tok, vocab):

@@ -16,6 +16,7 @@ def _sample(i: int = 0) -> dict:
     return {
         "sample_id": 1000 + i, "kind": "vla", "language": "en", "scene": "nap",
         "text": "the child fell asleep", "history": ["hello"],
+        "history_actions": [["climate.temp=21", "climate.temp=23"], ["climate.fan=3", "climate.fan=2"]],
         "mel": rng.standard_normal((7, 5)).astype(np.float32),
         "frames": rng.integers(0, 255, (2, 4, 4, 3), dtype=np.uint8),
         "state_numeric": rng.standard_normal(3).astype(np.float32),
@@ -40,6 +41,23 @@ def test_round_trip_exact():
     out = records.decode(records.encode(s))
     _equal(s, out)
     out["mel"][0, 0] = 1.0  # decoded arrays are writable copies
+
+
+def test_action_log_round_trip_and_old_records_without_it():
+    for log in ([], [["<noop>", "<noop>"]], _sample()["history_actions"]):
+        s = dict(_sample(), history_actions=log)
+        _equal(s, records.decode(records.encode(s)))
+    # A record written before the field existed (same schema version) reads as "no earlier turn".
+    old = {k: v for k, v in records.decode(records.encode(_sample())).items() if k != "history_actions"}
+    obj = {k: v for k, v in old.items() if not isinstance(v, np.ndarray)}
+    obj.update(mel=None, frames=None, state_numeric=None, state_categorical=None)
+    out = records.decode(_forge(obj))
+    assert out["history_actions"] == [] and out["text"] == old["text"]
+    out = records.decode(records.encode(old))  # old-style writers still write
+    assert out["history_actions"] == []
+    for bad in (["climate.temp=21"], [["climate.temp=21"]], [["a", 3]], "x"):
+        with pytest.raises(CorruptRecord, match="history_actions"):
+            records.encode(dict(_sample(), history_actions=bad))
 
 
 def test_absent_modalities_round_trip():

@@ -16,7 +16,7 @@ def _sample(i: int = 0) -> dict:
     rng = np.random.default_rng(i)
     return {
         "sample_id": 1000 + i, "kind": "vla", "language": "en", "scene": None,
-        "text": f"request {i}", "history": [],
+        "text": f"request {i}", "history": [], "history_actions": [],
         "mel": rng.standard_normal((7, 5)).astype(np.float32),
         "frames": rng.integers(0, 255, (2, 4, 4, 3), dtype=np.uint8),
         "state_numeric": rng.standard_normal(3).astype(np.float32),
@@ -187,7 +187,8 @@ def test_build_from_jsonl_logs(tmp_path, capsys):
     lines = [
         {"kind": "vla", "id": 7, "text": "a bit colder", "audio": "a.wav", "image": "img.npy",
          "state": "state.json", "actions": ["climate.temp=22"], "explanation": "it is hot",
-         "constraint_tags": ["driving"], "language": "en"},
+         "constraint_tags": ["driving"], "language": "en", "history": ["a bit colder"],
+         "history_actions": [["climate.temp=23", "climate.temp=24"]]},
         {"kind": "video_text", "id": 8, "text": "an empty cabin", "frames": "clip.npy", "split": "heldout"},
         {"kind": "speech_text", "id": 9, "text": "hello", "audio": "b.wav"},
     ]
@@ -204,6 +205,8 @@ def test_build_from_jsonl_logs(tmp_path, capsys):
     assert vla["mel"].shape == (32, 32)  # 0.5 s at a 10 ms hop, cut to the tiny mel_frames
     assert train["speech_text"][0]["mel"].shape == (18, 32)  # 0.2 s: 1 + (3200 - 400) // 160
     assert vla["state"]["cabin_temp"] == 30.0 and vla["state_numeric"].dtype == np.float32
+    assert vla["history_actions"] == [["climate.temp=23", "climate.temp=24"]]
+    assert train["speech_text"][0]["history_actions"] == []  # optional: no earlier turn
     _, held = shards.open_split(out, "heldout")
     assert held["video_text"][0]["frames"].shape == (4, 32, 32, 3)  # 9 frames subsampled to 4
 
@@ -222,6 +225,13 @@ def test_build_from_jsonl_logs(tmp_path, capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # earlier lines are the progress bar
     assert last.startswith("build_dataset: error: ") and "bad.jsonl:2" in last and "warp=9" in last
+    for log, why in (([["climate.temp=23", "climate.fan=2"]], "not a value of the path"),
+                     ([["climate.temp=23", "climate.temp=99"]], "climate.temp=99"),
+                     ([["climate.temp=23"]], "[executed, before] action-token pairs")):
+        bad.write_text(json.dumps(dict(lines[0], history_actions=log)) + "\n")
+        assert _build(tmp_path / "bad", "--jsonl", bad) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("build_dataset: error: ") and "bad.jsonl:1" in last and why in last, last
     bad.write_text(json.dumps(dict(lines[0], audio="missing.wav")) + "\n")
     assert _build(tmp_path / "bad", "--jsonl", bad) == 2
     assert "missing.wav" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import pytest
 
 from vlacabin_jax.data import cabin, phrases, render, world
 from vlacabin_jax.data.cabin import CabinState, default_state
-from vlacabin_jax.data.policy import Context, Request, make_turn, policy
+from vlacabin_jax.data.actions import ActionVocabulary
+from vlacabin_jax.data.policy import Context, Request, Turn, make_turn, policy
 from vlacabin_jax.data.spec import KINDS
 
 TINY = dict(image_size=32, num_frames=4, n_mels=32, mel_frames=32)
@@ -112,6 +113,39 @@ def test_multi_turn_earlier_turn_changes_the_answer():
     assert answer_after("seat_heat", "same_passenger") == ["seat.passenger.heat=2"]
     assert answer_after("colder", "undo") == ["climate.temp=23"]
     assert answer_after("cinema", "undo")[0] == "media.play=pause"
+
+
+def test_earlier_turn_action_log(vla_samples):
+    """The sample carries what the earlier turn executed and the values it replaced (its log)."""
+    vocab = ActionVocabulary()
+    seen = collections.Counter()
+    for i, s in enumerate(vla_samples):
+        log = s["history_actions"]
+        assert isinstance(log, list) and all(isinstance(p, list) and len(p) == 2 for p in log)
+        ctx = world.vla_context(3, i)  # the same draws: the sample's context, unrendered
+        assert ctx.request.type == s["scene"] and bool(ctx.history) == bool(s["history"]) == bool(log)
+        assert (ctx.voice is None) == (s["mel"] is None)
+        if not log:
+            continue
+        turn = ctx.history[-1]
+        assert log == turn.log() and Turn.from_log(turn.request, log) == turn
+        for executed, before in log:
+            assert executed in vocab and before in vocab  # every before-token is a vocabulary token
+            if executed == "<noop>":
+                assert before == "<noop>" and len(log) == 1
+                seen["noop"] += 1
+            else:
+                path = executed.split("=")[0]
+                assert before == f"{path}={turn.before[path]}"
+                seen["acted"] += 1
+        # The cabin shows the earlier turn applied (it ran on the staged cabin, so nothing changed
+        # the paths it set afterwards).
+        state = CabinState.from_json(s["state"])
+        assert all(state.value(e.split("=")[0]) == e.split("=")[1] for e, _ in log if e != "<noop>")
+    assert seen["noop"] > 20 and seen["acted"] > 200, seen
+    for kind in KINDS[1:]:
+        assert all(world.generate(3, i, kind, **TINY)["history_actions"] == [] for i in range(20))
+    assert world.preference_pair(8, 1, **TINY)["history_actions"] is not None
 
 
 def test_cue_sleeping_passenger_changes_answer_and_frames():

@@ -44,11 +44,24 @@ def world_training_batch(cfg, size: int, seed: int = 7) -> dict[str, np.ndarray]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def train_and_save(variant: str, directory: Path, steps: int = TRAIN_STEPS) -> Path:
+def variant_config(variant: str, overrides: dict | None = None):
+    """`get_config(variant)` with {"a.b.c": value} overrides applied."""
+    cfg = get_config(variant)
+    for key, value in (overrides or {}).items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def train_and_save(variant: str, directory: Path, steps: int = TRAIN_STEPS, overrides: dict | None = None) -> Path:
     """Train `steps` steps and save one checkpoint; returns `<directory>/checkpoints`.
 
     `steps=0` skips the training (and its compilation, minutes for `small` on CPU): every param
     of a fresh init gets Gaussian noise instead, so no kernel is zero and the DNFM path is live.
+    `overrides`: config fields changed from the preset ({"train.trainable": "all_and_anchor"}).
     """
     import flax.linen as nn
     import jax
@@ -59,7 +72,7 @@ def train_and_save(variant: str, directory: Path, steps: int = TRAIN_STEPS) -> P
     from vlacabin_jax.train import checkpoint as ckpt_lib
     from vlacabin_jax.train.state import TrainState
 
-    cfg = get_config(variant)
+    cfg = variant_config(variant, overrides)
     trainable, frozen = functional.init_params(cfg, jax.random.key(0))
     trainable = nn.unbox(trainable)
     frozen = jax.tree.map(lambda x: x.astype(jnp.dtype(cfg.model.anchor_dtype)), nn.unbox(frozen))
@@ -102,14 +115,16 @@ def _shared_root(tmp_path_factory) -> Path:
     return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
-def trained_checkpoint(tmp_path_factory, variant: str, steps: int = TRAIN_STEPS) -> Path:
-    """The session's trained checkpoint of `variant` (trained once, by whichever worker comes first)."""
-    root = _shared_root(tmp_path_factory) / f"export-{variant}-run"
+def trained_checkpoint(tmp_path_factory, variant: str, steps: int = TRAIN_STEPS, overrides: dict | None = None,
+                       name: str = "") -> Path:
+    """The session's trained checkpoint of `variant` (trained once, by whichever worker comes first);
+    give a distinct `name` with `overrides`."""
+    root = _shared_root(tmp_path_factory) / f"export-{variant}{'-' + name if name else ''}-run"
     with FileLock(str(root) + ".lock"):
         done = root / "DONE"
         if not done.exists():
             root.mkdir(parents=True, exist_ok=True)
-            train_and_save(variant, root, steps)
+            train_and_save(variant, root, steps, overrides)
             done.write_text("ok")
     return root / "checkpoints"
 

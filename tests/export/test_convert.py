@@ -139,10 +139,21 @@ def abstract(cfg):
     return nn.unbox(trainable), nn.unbox(frozen)
 
 
-@pytest.fixture(scope="module", params=["scanned", "unrolled"])
+# Route switches of the tiny defaults turned off (what small / base run), and the anchor that trains
+# (train.trainable = "all_and_anchor": vit and lm sit in the trainable tree).
+ROUTES_OFF = {"model.state.field_tokens": False, "model.state.numeric_fourier": 0, "model.video.patch_tokens": False,
+              "model.bridge.connector_skip": False, "model.dnfm.cross_attention": False}
+TREES = {"scanned": ("scanned", {}), "unrolled": ("unrolled", {}), "scanned-routes-off": ("scanned", ROUTES_OFF),
+         "unrolled-anchor-trains": ("unrolled", {"train.trainable": "all_and_anchor"})}
+
+
+@pytest.fixture(scope="module", params=list(TREES))
 def tiny_trees(request):
-    cfg = get_config("tiny")
-    cfg.model.scan_layers = request.param == "scanned"
+    from tests.export.conftest import variant_config
+
+    layout, overrides = TREES[request.param]
+    cfg = variant_config("tiny", overrides)
+    cfg.model.scan_layers = layout == "scanned"
     return cfg, *abstract(cfg)
 
 
@@ -198,9 +209,12 @@ def test_bfloat16_anchor_is_widened_exactly(tiny_trees):
 
     cfg, trainable, frozen = tiny_trees
     rng = np.random.default_rng(0)
-    frozen = jax.tree.map(lambda x: np.asarray(jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)), frozen)
-    trainable = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), trainable)
+    anchor = lambda x: np.asarray(jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16))  # noqa: E731
+    frozen = jax.tree.map(anchor, frozen)
+    trainable = {k: jax.tree.map(anchor, v) if k in ("vit", "lm")  # an anchor that trains, stored in bf16
+                 else jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), v)
+                 for k, v in trainable.items()}
     state = convert.flax_to_torch(trainable, frozen, convert.mirror_config(cfg, 4))
-    emb = np.asarray(frozen["lm"]["embedding"]).astype(np.float32)
+    emb = np.asarray({**trainable, **frozen}["lm"]["embedding"]).astype(np.float32)
     np.testing.assert_array_equal(state["lm.model.embed_tokens.weight"], emb)
     assert {v.dtype for v in state.values()} == {np.dtype(np.float32)}

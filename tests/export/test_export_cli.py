@@ -99,6 +99,15 @@ def test_other_action_vocabulary_version(tmp_path, capsys, tiny_checkpoint):
     assert not (tmp_path / "out").exists()
 
 
+def test_autoregressive_action_head_is_refused(tmp_path, capsys):
+    """The quality ladder's autoregressive head has no mirror: one line naming the field, before any init."""
+    code, err = run_cli(["--random-init", "--config", "configs/vla_cabin.py:tiny",
+                         "--config.model.action_head=autoregressive", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: model.action_head = 'autoregressive' is not exported")
+    assert leftovers(tmp_path, set()) == []
+
+
 def test_cli_process_exit_status_and_one_line(tmp_path):
     """The real command line (a fresh process): exit status 2 and exactly one stderr line."""
     proc = subprocess.run([sys.executable, "-m", "tools.export", "--checkpoint", str(tmp_path / "nope"),

@@ -91,6 +91,7 @@ np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})
 def test_mirror_loads_and_runs_without_jax(tiny_export, tiny_reference, tiny_source, tmp_path):
     out, _ = tiny_export
     inputs = verify.verification_inputs(tiny_source.cfg, 8, 8, seed=3)  # the verified batch size: compiled once
+    assert (inputs["history_actions"][8:, 0] > 2).any()  # a world follow-up with an executed action log
     np.savez(tmp_path / "in.npz", **inputs)
     subprocess.run([sys.executable, "-c", LOAD_WITHOUT_JAX, str(out), str(tmp_path / "in.npz"),
                     str(tmp_path / "out.npz")], check=True, timeout=300)

@@ -37,3 +37,35 @@ def test_mirror_refuses_an_older_export_format():
     config = {"format": torch_model.FORMAT, "format_version": torch_model.FORMAT_VERSION - 1, "steps": 4}
     with pytest.raises(ValueError, match="export the checkpoint again with this code"):
         torch_model.check_config(config)
+
+
+def test_fields_added_later_take_their_legacy_values():
+    """A checkpoint saved before a route switch existed was trained without that route."""
+    from vlacabin_jax.export.source import LEGACY_DEFAULTS
+
+    saved = saved_config()
+    for path in LEGACY_DEFAULTS:
+        *parents, leaf = path.split(".")
+        node = saved
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    cfg = config_from_json(saved)
+    for path, value in LEGACY_DEFAULTS.items():
+        node = cfg
+        for key in path.split("."):
+            node = node[key]
+        assert node == value, path
+    current = config_from_json(saved_config())  # saved fields keep their values (tiny: every route on)
+    assert current.model.video.patch_tokens and current.model.dnfm.cross_attention
+    assert current.model.state.numeric_fourier == 6 and current.model.dnfm.constrained_decode
+
+
+def test_an_autoregressive_action_head_is_not_exportable():
+    from vlacabin_jax.export.source import check_exportable
+
+    cfg = get_config("tiny")
+    check_exportable(cfg)
+    cfg.model.action_head = "autoregressive"
+    with pytest.raises(ExportInputError, match=r"^model\.action_head = 'autoregressive' is not exported"):
+        check_exportable(cfg)

@@ -605,6 +605,47 @@ def state_to_features(state: CabinState) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(num, np.float32), np.asarray(cat, np.int32)
 
 
+def state_from_features(numeric: np.ndarray, categorical: np.ndarray, tags: Sequence[str],
+                        children: Sequence[bool], asleep: Sequence[bool], dark: bool) -> CabinState:
+    """The inverse of `state_to_features`, completed by what only the camera sees.
+
+    Args:
+      numeric: float32[len(STATE_NUMERIC_FIELDS)] as `state_to_features` makes it.
+      categorical: int[len(STATE_CATEGORICAL_FIELDS)] likewise (device values, seat occupancy,
+        speaker).
+      tags: the active constraint tags.
+      children, asleep: per SEATS, whether the camera shows a child seat / a sleeper there (an
+        occupied seat without a child holds an adult).
+      dark: whether the camera sees a dark cabin.
+    Returns:
+      the cabin: device levels exactly; temperatures, humidity, PM2.5 and speed to 0.1 (the
+      world's resolution; the float32 features hold them to ~1e-5); the hour from its angle; the
+      light level only on the right side of `DARK` (nothing but `dark` depends on it).
+    Raises:
+      ValueError: a sleeper or a child on an empty seat, or widths that are not the schema's.
+    """
+    num = [float(x) for x in numeric]
+    cat = [int(x) for x in categorical]
+    if len(num) != len(STATE_NUMERIC_FIELDS) or len(cat) != len(STATE_CATEGORICAL_FIELDS):
+        raise ValueError(f"state features of width {len(num)}/{len(cat)}, the schema has "
+                         f"{len(STATE_NUMERIC_FIELDS)}/{len(STATE_CATEGORICAL_FIELDS)}")
+    devices = {p: str(round(x * (hi - lo) + lo)) for (p, (lo, hi)), x in zip(_NUM_RANGE.items(), num)}
+    devices.update({p: PATHS[p].values[i] for p, i in zip(_CATEGORICAL_PATHS, cat)})
+    cabin_t, outside_t, humidity, pm25, hour_sin, hour_cos, speed = num[len(_NUM_RANGE):]
+    occupied = cat[len(_CATEGORICAL_PATHS):len(_CATEGORICAL_PATHS) + len(SEATS)]
+    occupants = tuple("child" if c else "adult" if o else "empty" for o, c in zip(occupied, children))
+    if any(o == "empty" and (c or a) for o, c, a in zip(occupants, children, asleep)):
+        raise ValueError(f"a child or a sleeper on an empty seat: occupied {occupied}, "
+                         f"children {list(children)}, asleep {list(asleep)}")
+    hour = round(math.atan2(hour_sin, hour_cos) * 24 / (2 * math.pi)) % 24
+    return CabinState(
+        devices=devices, cabin_temp=round(cabin_t * 20 + 22, 1), outside_temp=round(outside_t * 20 + 15, 1),
+        humidity=round((humidity + 0.5) * 100, 1), pm25=round(math.expm1((pm25 + 0.5) * 6), 1), hour=int(hour),
+        speed_kmh=round(speed * 120, 1), light=DARK / 2 if dark else (1 + DARK) / 2, occupants=occupants,
+        asleep=tuple(bool(a) for a in asleep), speaker=SEATS[cat[-1]],
+        tags=tuple(t for t in CONSTRAINT_TAGS if t in set(tags)))
+
+
 def policy(context):
     """The rule-based cabin policy (see `vlacabin_jax.data.policy.policy`)."""
     from vlacabin_jax.data import policy as _policy  # policy.py imports this module

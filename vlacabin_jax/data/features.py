@@ -8,6 +8,11 @@ Layout decisions:
 - actions: the tokens, `<eos>`, then `<pad>`. A sequence longer than `action_len - 1` raises
   `ValueError` instead of being cut (a cut sequence would be a different, wrong answer). The
   generator never emits more than `cabin.MAX_ACTIONS` = 7, which fits every config variant.
+- earlier turn's action log (`history_actions`, `history_before`): the executed tokens of the
+  sample's `history_actions` pairs, `<eos>`, `<pad>` (the layout of `action_tokens`), and under
+  each executed token the id of its before-token (`<noop>` under `<noop>`, `<pad>` under `<eos>`
+  and after). A sample without the field (old shards, logs without it) has the empty log: all
+  `<pad>`. A log longer than `action_len - 1` raises `ValueError`, like actions.
 - explanation: `<bos> … <eos>` then `<pad>`; the mask covers `<bos>` through `<eos>`. An
   explanation longer than `explain_len` keeps its first `explain_len` tokens without `<eos>`
   (the generator's explanations fit the tiny variant's 24).
@@ -26,7 +31,7 @@ import os
 import numpy as np
 
 from vlacabin_jax.data import spec
-from vlacabin_jax.data.actions import ActionVocabulary
+from vlacabin_jax.data.actions import NOOP, ActionVocabulary, InvalidActionSequence, split_token
 from vlacabin_jax.data.cabin import CONSTRAINT_TAGS
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "tokenizer")
@@ -65,7 +70,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _sep_id(tokenizer, cfg) -> int:
+def sep_id(tokenizer, cfg) -> int:
+    """The id that ends each earlier turn in `text_tokens` (the tokenizer's sep, else its eos)."""
     sep = getattr(tokenizer, "sep_token_id", None)
     return int(sep) if sep is not None else int(cfg.model.text_eos_id)
 
@@ -88,8 +94,9 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
 
     Raises:
       ValueError: a modality's shape disagrees with the config (image size, n_mels, state widths,
-        tag vocabulary), an input is longer than its slot (mel, frames), or the action sequence does
-        not fit `action_len - 1`. `actions.InvalidActionSequence` for malformed action tokens.
+        tag vocabulary), an input is longer than its slot (mel, frames), the action sequence or the
+        earlier turn's action log does not fit `action_len - 1`, or the log is malformed.
+        `actions.InvalidActionSequence` for malformed action tokens (target or log).
     """
     m, d = cfg.model, cfg.data
     shapes = spec.batch_spec(cfg, 1)
@@ -97,7 +104,7 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
 
     # Text: history <sep> ... <sep> current; history is cut first (oldest tokens), then the end of
     # the current text.
-    sep = _sep_id(tokenizer, cfg)
+    sep = sep_id(tokenizer, cfg)
     hist: list[int] = []
     for turn in sample.get("history") or []:
         hist += encode_text(tokenizer, turn) + [sep]
@@ -155,6 +162,8 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
             raise ValueError(f"unknown constraint tag {t!r}")
         tags[_TAG_INDEX[t]] = True
     out["constraint_tags"] = tags
+    out["history_actions"], out["history_before"] = history_rows(sample.get("history_actions"), m.action_len,
+                                                                 vocab)
 
     if sample.get("rejected") is not None:  # a preference pair: nothing to imitate, two to compare
         out["action_tokens"] = action_row(sample["chosen"], m.action_len, vocab)[0]
@@ -190,6 +199,43 @@ def action_row(actions, action_len: int, vocab: ActionVocabulary) -> tuple[np.nd
                          f"(at most {action_len - 1} plus <eos>): {list(actions)}")
     row[:len(ids)] = ids
     return row, np.asarray(True)
+
+
+def history_rows(log, action_len: int, vocab: ActionVocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """An earlier turn's action log → (history_actions, history_before), both int32[action_len].
+
+    Args:
+      log: [[executed_token, before_token], ...] as `policy.Turn.log` writes it, or None / [] (no
+        earlier turn: both rows all `<pad>`).
+      action_len: the row length (`cfg.model.action_len`).
+    Returns:
+      executed ids, `<eos>`, `<pad>`...; and aligned with them the before-token ids (`<noop>`
+      under `<noop>`), `<pad>` under `<eos>` and after.
+    Raises:
+      ValueError: a pair is not two tokens, a before-token names another path than its executed
+        token, the log does not fit `action_len - 1`; `actions.InvalidActionSequence` for unknown
+        tokens or a `<noop>` among actions.
+    """
+    before = np.zeros((action_len,), np.int32)  # <pad> = 0
+    if not log:
+        return np.zeros((action_len,), np.int32), before
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in log):
+        raise ValueError(f"history_actions must be [executed, before] token pairs, got {log!r}")
+    executed = [e for e, _ in log]
+    try:  # the same checks as the target actions; the message says which field failed
+        row = action_row(executed, action_len, vocab)[0]
+    except InvalidActionSequence as e:
+        raise InvalidActionSequence(e.position, f"history_actions: {e.reason}") from None
+    except ValueError as e:
+        raise ValueError(f"history_actions: {e}") from None
+    for i, (e, b) in enumerate(log):
+        # Under <noop> only <noop>; under a device token a token of the same path.
+        if (e == NOOP) != (b == NOOP) or (e != NOOP and split_token(e)[0] != split_token(b)[0]):
+            raise ValueError(f"history_actions[{i}]: before-token {b!r} is not a value of the path of {e!r}")
+        if b not in vocab:
+            raise InvalidActionSequence(i, f"unknown before-token {b!r} in history_actions")
+        before[i] = vocab.token_id(b)
+    return row, before
 
 
 def featurize_pair(pair: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str, np.ndarray]:

@@ -234,14 +234,19 @@ def _fill(template: str, language: str, args: dict) -> str:
     return out[0].upper() + out[1:] if language == "en" and out else out
 
 
-def utterance(request_type: str, slots: dict, language: str, rng: np.random.Generator) -> str:
-    """A paraphrase of a request in `language`; slots named in the template are spoken."""
+def utterance_options(request_type: str, slots: dict, language: str) -> list[str]:
+    """Every paraphrase `utterance` may say for this request, in template order."""
     key = request_type
     for slot in ("seat", "scent", "delta"):
         if slots.get(slot) is not None and f"{request_type}+{slot}" in UTTERANCES:
             key = f"{request_type}+{slot}"
-    options = UTTERANCES[key][language]
-    return _fill(options[int(rng.integers(len(options)))], language, slots)
+    return [_fill(t, language, slots) for t in UTTERANCES[key][language]]
+
+
+def utterance(request_type: str, slots: dict, language: str, rng: np.random.Generator) -> str:
+    """A paraphrase of a request in `language`; slots named in the template are spoken."""
+    options = utterance_options(request_type, slots, language)
+    return options[int(rng.integers(len(options)))]
 
 
 def explanation(key: str, args: dict, language: str) -> str:

@@ -60,6 +60,30 @@ class Turn:
     actions: tuple[str, ...]
     before: Mapping[str, str]
 
+    def log(self) -> list[list[str]]:
+        """What the cabin logged for this turn: [executed_token, before_token] per executed device
+        token in order (`before_token` = `path=value before the turn`); `[["<noop>", "<noop>"]]`
+        for a turn that did nothing. Lists of str, so a sample can carry it through msgpack."""
+        out = []
+        for t in self.actions:
+            if t != NOOP:
+                path = split_token(t)[0]
+                out.append([t, f"{path}={self.before[path]}"])
+        return out or [[NOOP, NOOP]]
+
+    @classmethod
+    def from_log(cls, request: Request, log) -> "Turn":
+        """The inverse of `log`: the turn of `request` whose action log is `log` (pairs as `log`
+        writes them; an empty log is a turn that did nothing)."""
+        acts = tuple(e for e, _ in log if e != NOOP) or (NOOP,)
+        before = {split_token(e)[0]: split_token(b)[1] for e, b in log if e != NOOP}
+        return cls(request, acts, before)
+
+
+def history_log(history) -> list[list[str]]:
+    """The action log (`Turn.log`) of the latest earlier turn of `history`; [] when there is none."""
+    return history[-1].log() if history else []
+
 
 def make_turn(state: CabinState, request: Request, actions) -> Turn:
     """Record a turn executed on `state` (the state before it)."""

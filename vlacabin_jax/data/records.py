@@ -11,8 +11,12 @@ uses pickle: a record from disk can only produce dicts, lists, str, bytes, numbe
 of plain numeric dtypes.
 
 Decoding checks, in order: header length and magic, schema version, CRC32 of the payload, msgpack
-well-formedness, every array's dtype/rank/shape/byte count, and the field types of `FIELDS`. Any
-failure raises `CorruptRecord` naming the reason.
+well-formedness, every array's dtype/rank/shape/byte count, and the field types of `FIELDS` (and
+of `OPTIONAL_FIELDS` where present). Any failure raises `CorruptRecord` naming the reason.
+
+Optional fields came after schema version 1 was fixed; they do not change the version, because a
+record without them is still a valid version-1 record: `decode` gives it their default
+(`history_actions` = [], the empty action log of "no earlier turn").
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ FIELDS: dict[str, tuple] = {
     "explanation": ((str, type(None)), None),
     "state": ((dict,), None),
 }
+# Fields a record may lack (records written before they existed), with the value `decode` gives a
+# record without them. history_actions: the earlier turn's action log, [[executed, before], ...]
+# token pairs (see `world.generate`).
+OPTIONAL_FIELDS: dict[str, tuple] = {
+    "history_actions": ((list,), None),
+}
+_OPTIONAL_DEFAULTS = {"history_actions": list}
 
 
 class CorruptRecord(ValueError):
@@ -135,7 +146,8 @@ def decode(data: bytes) -> dict[str, Any]:
     Args:
       data: one record.
     Returns:
-      the sample dict, arrays as writable numpy arrays.
+      the sample dict, arrays as writable numpy arrays; an `OPTIONAL_FIELDS` field the record
+      lacks is there with its default.
     Raises:
       CorruptRecord: naming the reason (short header, bad magic, schema version, CRC mismatch,
         malformed msgpack, bad array, missing or mistyped field).
@@ -161,19 +173,23 @@ def decode(data: bytes) -> dict[str, Any]:
     except Exception as e:
         raise CorruptRecord(f"malformed msgpack payload: {type(e).__name__}: {e}") from None
     validate(sample)
+    for name, default in _OPTIONAL_DEFAULTS.items():  # an older record: the field's default
+        sample.setdefault(name, default())
     return sample
 
 
 def validate(sample: Any) -> None:
-    """Checks a sample's field types, array dtypes/ranks and kind.
+    """Checks a sample's field types, array dtypes/ranks and kind (optional fields only if present).
 
     Raises:
       CorruptRecord: naming the first offending field.
     """
     if not isinstance(sample, dict):
         raise CorruptRecord(f"record holds {type(sample).__name__}, not a dict")
-    for name, (types, arr) in FIELDS.items():
+    for name, (types, arr) in {**FIELDS, **OPTIONAL_FIELDS}.items():
         if name not in sample:
+            if name in OPTIONAL_FIELDS:
+                continue
             raise CorruptRecord(f"field {name!r} missing")
         value = sample[name]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -190,5 +206,8 @@ def validate(sample: Any) -> None:
         raise CorruptRecord("field 'constraint_tags' must be a list of str")
     if sample["actions"] is not None and not all(isinstance(a, str) for a in sample["actions"]):
         raise CorruptRecord("field 'actions' must be a list of str")
+    log = sample.get("history_actions", [])
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in log):
+        raise CorruptRecord("field 'history_actions' must be a list of [executed, before] token pairs")
     if sample["frames"] is not None and sample["frames"].shape[-1] != 3:
         raise CorruptRecord(f"field 'frames' has shape {sample['frames'].shape}, expected [F, H, W, 3]")

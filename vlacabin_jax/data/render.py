@@ -140,12 +140,50 @@ def render_frames(state, rng: np.random.Generator, image_size: int, num_frames: 
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
+FORMANT_AMPS = (1.0, 0.8)  # heights of a syllable's first and second formant bump
 _WORD = re.compile(r"[A-Za-z']+|\d+|[\u4e00-\u9fff]")
 
 
 def syllables(text: str) -> list[str]:
     """The spoken units of an utterance: English words/numbers, single Chinese characters."""
     return [w.lower() for w in _WORD.findall(text)]
+
+
+def spoken_units(text: str, mel_frames: int) -> tuple[list[str], int]:
+    """(the syllables `render_mel` speaks, frames per syllable): at most mel_frames - 2 syllables
+    (one silent frame before and after), each held for 1..4 frames; "." for an empty text."""
+    if mel_frames < 3:
+        raise ValueError(f"mel_frames={mel_frames}: need at least 3 (silence, speech, silence)")
+    units = syllables(text)[: mel_frames - 2] or ["."]
+    return units, int(np.clip((mel_frames - 2) // len(units), 1, 4))
+
+
+def formant_width(n_mels: int) -> float:
+    """Standard deviation, in mel bins, of every spectral bump `render_mel` draws."""
+    return max(0.6, n_mels / 40)
+
+
+def formant_template(units: list[str], per: int, n_mels: int) -> np.ndarray:
+    """The formant part of `render_mel`'s speech frames before the voice's energy: float32[per *
+    len(units), n_mels], per frame a bump of height `FORMANT_AMPS[0]` at the syllable's first
+    formant bin and `FORMANT_AMPS[1]` at its second (no pitch, noise or silence). What a decoder
+    matches a mel against."""
+    bins = np.arange(n_mels, dtype=np.float32)
+    width = formant_width(n_mels)
+    f1, f2 = formant_bins(units, n_mels)
+    out = np.zeros((len(units), n_mels), np.float32)
+    for f, amp in zip((f1, f2), FORMANT_AMPS):
+        out += amp * np.exp(-((bins[None, :] - f[:, None].astype(np.float32)) ** 2) / (2 * width * width))
+    return np.repeat(out, per, axis=0)
+
+
+def formant_bins(units: list[str], n_mels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two formant mel bins of each syllable: int64[len(units)] each, fixed by crc32 of the
+    syllable (so a decoder can match a mel against known syllables)."""
+    codes = np.array([zlib.crc32(u.encode()) for u in units], np.int64)
+    span = max(1, int(0.6 * n_mels))
+    lo = int(0.35 * n_mels)
+    return lo + codes % span, lo + (codes // span) % span
 
 
 def render_mel(text: str, voice: str, driving: bool, rng: np.random.Generator, n_mels: int,
@@ -161,23 +199,16 @@ def render_mel(text: str, voice: str, driving: bool, rng: np.random.Generator, n
     Returns:
       float32[T, n_mels] with T ≤ mel_frames (1 silent frame before and after the speech).
     """
-    if mel_frames < 3:
-        raise ValueError(f"mel_frames={mel_frames}: need at least 3 (silence, speech, silence)")
-    units = syllables(text)[: mel_frames - 2] or ["."]
-    per = int(np.clip((mel_frames - 2) // len(units), 1, 4))  # frames per syllable
+    units, per = spoken_units(text, mel_frames)
     t = 2 + per * len(units)
     bins = np.arange(n_mels, dtype=np.float32)
-    width = max(0.6, n_mels / 40)
-    codes = np.array([zlib.crc32(u.encode()) for u in units], np.int64)
-    span = max(1, int(0.6 * n_mels))
-    lo = int(0.35 * n_mels)
-    f1 = np.repeat(lo + codes % span, per).astype(np.float32)
-    f2 = np.repeat(lo + (codes // span) % span, per).astype(np.float32)
+    width = formant_width(n_mels)
+    f1, f2 = (np.repeat(f, per).astype(np.float32) for f in formant_bins(units, n_mels))
     stressed = voice == "stressed"
     n = per * len(units)
     f0 = (0.13 if stressed else 0.06) * n_mels + (rng.normal(0, 0.8, n) if stressed else rng.normal(0, 0.1, n))
     centers = np.stack([f1, f2, f0, 2 * f0, 3 * f0], axis=1)  # [n, 5]
-    amps = np.array([1.0, 0.8, 1.0, 0.6, 0.35], np.float32)
+    amps = np.array([*FORMANT_AMPS, 1.0, 0.6, 0.35], np.float32)  # formants, then f0 harmonics
     bumps = np.exp(-((bins[None, None, :] - centers[:, :, None]) ** 2) / (2 * width * width))
     speech = (bumps * amps[None, :, None]).sum(1)  # [n, n_mels]
     k = np.arange(n)

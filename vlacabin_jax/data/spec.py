@@ -52,6 +52,15 @@ def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtyp
         "modality_mask": ((b, len(MODALITIES)), np.bool_),
         # Active cabin constraint tags (multi-hot over the tag vocabulary).
         "constraint_tags": ((b, m.bridge.n_constraint_tags), np.bool_),
+        # What the cabin did in the latest earlier turn of the dialogue (its own action log; the
+        # text of that turn is in `text_tokens`): the action ids it executed, in order, then
+        # <eos>, then <pad>; [<noop>, <eos>, <pad>...] when it did nothing; all <pad> when there
+        # is no earlier turn (and for every kind but VLA turns).
+        "history_actions": ((b, m.action_len), np.int32),
+        # Aligned with `history_actions` position by position: the token `path=value` of the
+        # value each executed token's path had before that turn (what an undo restores); <noop>
+        # under a <noop>; <pad> elsewhere, <eos> position included.
+        "history_before": ((b, m.action_len), np.int32),
         # Target action tokens: actions, <eos>, then <pad> to action_len.
         "action_tokens": ((b, m.action_len), np.int32),
         # Whether the sample carries an action target to imitate (VLA kind; not preference pairs).

@@ -19,7 +19,7 @@ import numpy as np
 from vlacabin_jax.data import cabin, phrases, render
 from vlacabin_jax.data.actions import NOOP, SEATS
 from vlacabin_jax.data.cabin import PATHS, CabinState
-from vlacabin_jax.data.policy import (FOLLOW_UPS, VOICES, Context, Request, make_turn, policy)
+from vlacabin_jax.data.policy import (FOLLOW_UPS, VOICES, Context, Request, history_log, make_turn, policy)
 from vlacabin_jax.data.spec import KINDS
 
 # Relative frequency of each request type in VLA samples.
@@ -45,6 +45,12 @@ _FOLLOW_PREV = {
              "close_windows", "play_music", "navigate", "cinema", "nap", "relax", "purify", "welcome"),
 }
 _OTHER_PREV = ("chitchat", "navigate", "set_temp", "cinema", "close_windows")
+# Slot values a request may carry (`sample_request` draws them, `request_slot_options` lists them).
+_DELTA = 2  # "much colder/warmer"
+_TEMPS = (16, 29)  # set_temp: integers in [16, 29)
+_SEAT_TYPES = ("seat_heat", "seat_vent", "massage", "open_window")
+_SCENTS = ("citrus", "forest", "ocean", "lavender")
+_DESTS = ("home", "office", "charger")
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
 _PREFERENCE_STREAM = len(KINDS)  # rng stream of preference pairs
 
@@ -146,19 +152,37 @@ def sample_request(rng: np.random.Generator, state: CabinState, type: str | None
     typ = type or _TYPES[int(np.searchsorted(_CUM, rng.random(), side="right"))]
     slots = {}
     if typ in ("colder", "warmer") and rng.random() < 0.2:
-        slots["delta"] = 2
+        slots["delta"] = _DELTA
     elif typ == "set_temp":
-        slots["temp"] = int(rng.integers(16, 29))
-    elif typ in ("seat_heat", "seat_vent", "massage", "open_window") and rng.random() < 0.4:
+        slots["temp"] = int(rng.integers(*_TEMPS))
+    elif typ in _SEAT_TYPES and rng.random() < 0.4:
         others = [s for s, o in zip(SEATS, state.occupants) if o != "empty" and s != state.speaker]
         slots["seat"] = _choice(rng, others or list(SEATS[1:]))
     elif typ == "ambient_color":
         slots["color"] = _choice(rng, PATHS["light.ambient.color"].values)
     elif typ == "fragrance_on" and rng.random() < 0.5:
-        slots["scent"] = _choice(rng, ("citrus", "forest", "ocean", "lavender"))
+        slots["scent"] = _choice(rng, _SCENTS)
     elif typ == "navigate":
-        slots["dest"] = _choice(rng, ("home", "office", "charger"))
+        slots["dest"] = _choice(rng, _DESTS)
     return Request.make(typ, **slots)
+
+
+def request_slot_options(type: str) -> list[dict]:
+    """Every slot assignment `sample_request` can draw for a request type ([{}] when it has none):
+    what a reader of the request text has to tell apart."""
+    if type in ("colder", "warmer"):
+        return [{}, {"delta": _DELTA}]
+    if type == "set_temp":
+        return [{"temp": t} for t in range(*_TEMPS)]
+    if type in _SEAT_TYPES:  # a named seat may be anyone's, the speaker's own included
+        return [{}] + [{"seat": s} for s in SEATS]
+    if type == "ambient_color":
+        return [{"color": c} for c in PATHS["light.ambient.color"].values]
+    if type == "fragrance_on":
+        return [{}] + [{"scent": c} for c in _SCENTS]
+    if type == "navigate":
+        return [{"dest": d} for d in _DESTS]
+    return [{}]
 
 
 def _stage(rng: np.random.Generator, state: CabinState, typ: str) -> CabinState:
@@ -246,11 +270,17 @@ def generate(seed: int, index: int, kind: str, image_size: int, num_frames: int,
              mel_frames: int) -> dict:
     """One deterministic sample of `kind` (one of `spec.KINDS`).
 
-    Returns a msgpack-friendly dict: sample_id, kind, language, scene, text, history, mel
-    (float32[T, n_mels], T ≤ mel_frames, or None), frames (uint8[F, S, S, 3], F ≤ num_frames, or
-    None), state_numeric (float32[N] or None), state_categorical (int32[M] or None),
-    constraint_tags, actions (list[str], ≤ cabin.MAX_ACTIONS tokens, or None), explanation
+    Returns a msgpack-friendly dict: sample_id, kind, language, scene, text, history,
+    history_actions, mel (float32[T, n_mels], T ≤ mel_frames, or None), frames (uint8[F, S, S, 3],
+    F ≤ num_frames, or None), state_numeric (float32[N] or None), state_categorical (int32[M] or
+    None), constraint_tags, actions (list[str], ≤ cabin.MAX_ACTIONS tokens, or None), explanation
     (str or None), state (the cabin json, {} where there is none).
+
+    `history_actions` is what the cabin did in the latest earlier turn, as its own log would say:
+    [[executed_token, before_token], ...] (`policy.Turn.log`: each device token executed then, in
+    order, and `path=value` that path had before it); [["<noop>", "<noop>"]] when that turn did
+    nothing; [] without an earlier turn and for every kind but "vla". `state` is the cabin after
+    the earlier turn (its actions are already applied).
     """
     if kind not in _KIND_ID:
         raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -258,17 +288,33 @@ def generate(seed: int, index: int, kind: str, image_size: int, num_frames: int,
     return _build(rng, sample_id(seed, index, kind), kind, image_size, num_frames, n_mels, mel_frames)
 
 
+def vla_context(seed: int, index: int) -> Context:
+    """The policy context of VLA sample `generate(seed, index, "vla", ...)` without rendering it.
+
+    It replays exactly the draws `generate` makes before rendering (the language, then the turn),
+    so it is that sample's cabin, request, earlier turn and voice ("calm" / "stressed", None when
+    typed): what an evaluation needs to know about the perceptual cues the sample was rendered
+    from (the voice is in the mel only, the sample dict does not name it).
+    """
+    rng = np.random.default_rng([seed, index, _KIND_ID["vla"]])
+    language = phrases.LANGUAGES[int(rng.integers(2))]
+    return vla_turn(rng, language)["context"]
+
+
 def _build(rng, sid, kind, image_size, num_frames, n_mels, mel_frames) -> dict:
     language = phrases.LANGUAGES[int(rng.integers(2))]
     out = {"sample_id": sid, "kind": kind, "language": language, "scene": "", "text": "", "history": [],
-           "mel": None, "frames": None, "state_numeric": None, "state_categorical": None,
+           "history_actions": [], "mel": None, "frames": None, "state_numeric": None, "state_categorical": None,
            "constraint_tags": [], "actions": None, "explanation": None, "state": {}}
     if kind == "vla":
         turn = vla_turn(rng, language)
         ctx: Context = turn["context"]
         state = ctx.state
         num, cat = cabin.state_to_features(state)
-        out.update(scene=ctx.request.type, history=turn["history"], state_numeric=num, state_categorical=cat,
+        # The earlier turn's log, not only its text: `undo`, `turn_off` and `more` are decided by
+        # what was executed and by the values it replaced, which the text alone does not say.
+        out.update(scene=ctx.request.type, history=turn["history"], history_actions=history_log(ctx.history),
+                   state_numeric=num, state_categorical=cat,
                    constraint_tags=list(state.tags), actions=list(turn["actions"]), state=state.to_json(),
                    explanation=phrases.explanation(turn["key"], turn["args"], language))
         out["text"] = "" if turn["mode"] == "spoken_only" else turn["utterance"]

@@ -29,7 +29,7 @@ from vlacabin_jax.data.spec import MODALITIES
 from vlacabin_jax.eval import metrics, simulator
 from vlacabin_jax.eval.metrics import Prediction
 from vlacabin_jax.model import functional
-from vlacabin_jax.model.vla_cabin import VLACabin
+from vlacabin_jax.model.vla_cabin import VLACabin, pooled_means
 
 PredictFn = Callable[[Sequence[dict]], Sequence[Prediction]]
 # Which data kind each retrieval pair is measured on: the kind whose two modalities describe the
@@ -151,9 +151,7 @@ def _encode_jit(model_json: str) -> Callable:
         enc = functional.build_model(c).apply({"params": functional.merge_params(p, f)}, b,
                                               method=VLACabin.encode)
         # Masked mean over each modality's latent tokens: what the training InfoNCE compares.
-        w = enc["mask"].astype(jnp.float32)[..., None]
-        pooled = (enc["mean"] * w).sum(2) / jnp.maximum(w.sum(2), 1.0)
-        return pooled, enc["mask"].any(-1)
+        return pooled_means(c.model, enc["mean"], enc["mask"]), enc["present"]
 
     return jax.jit(encode)
 

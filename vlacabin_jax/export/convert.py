@@ -9,7 +9,10 @@ The anchor rows come from `hf_import`'s key tables (the mirror's anchor uses Hug
 the trainable rows are spelled out below, one function per Flax module. Strict both ways: every
 mirror tensor is produced exactly once with the mirror's shape, and every Flax param is either
 converted or listed in `TRAINING_ONLY` (log-variance heads, reconstruction heads, an untied LM
-head: inference uses none of them). Anything else is a `ConversionError` naming the keys.
+head: inference uses none of them). Anything else is a `ConversionError` naming the keys. The two
+param groups are merged first, so the anchor converts from `frozen` (train.trainable "all",
+"lora_and_heads") or from `trainable` ("all_and_anchor") alike. A model with
+`model.action_head = "autoregressive"` has no mirror and is refused with one line.
 
 Layouts (Flax → torch):
   linear  Dense kernel [in..., out...] → weight [out, in] (per-head kernels flattened first:
@@ -28,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from vlacabin_jax.export.torch_model import VLACabinMirror, namespace
+from vlacabin_jax.export.torch_model import VLACabinMirror, namespace, unsupported_action_head
 from vlacabin_jax.hf_import import KeyRule, lm_key_table, vit_key_table
 from vlacabin_jax.model import lora
 from vlacabin_jax.model.functional import merge_params
@@ -90,9 +93,14 @@ def _encoder_block(t: str, f: tuple, i: int) -> Rules:
             + _ln(f"{t}.ln_mlp", f + ("ln_mlp",), i) + _mlp(f"{t}.mlp", f + ("mlp",), i))
 
 
-def _adaln_block(t: str, f: tuple, i: int) -> Rules:  # its LayerNorms have no params
+def _adaln_block(t: str, f: tuple, i: int) -> Rules:  # its modulated LayerNorms have no params
     return (_dense(f"{t}.modulation", f + ("modulation",), i) + _attn(f"{t}.attn", f + ("attn",), i)
             + _mlp(f"{t}.mlp", f + ("mlp",), i))
+
+
+def _adaln_cross_block(t: str, f: tuple, i: int) -> Rules:  # + `model.dnfm.cross_attention`
+    return (_adaln_block(t, f, i) + _ln(f"{t}.ln_cross", f + ("ln_cross",), i)
+            + _attn(f"{t}.cross_attn", f + ("cross_attn",), i))
 
 
 def _explain_block(t: str, f: tuple, i: int) -> Rules:
@@ -121,7 +129,13 @@ def _anchor(prefix: str, table: Iterable[KeyRule]) -> Rules:
 
 
 def rule_table(model_cfg: Any) -> Rules:
-    """Every mirror tensor and where it comes from, for a `model` config (ConfigDict or dict)."""
+    """Every mirror tensor and where it comes from, for a `model` config (ConfigDict or dict).
+
+    The config's route switches decide which modules exist (see `torch_model`'s docstring):
+    `state.field_tokens` drops the state pool, `video.patch_tokens` adds the patch positions and
+    the video pool, `bridge.connector_skip` the skip projection, `dnfm.cross_attention` each
+    block's `ln_cross` and `cross_attn`.
+    """
     m = namespace(model_cfg) if isinstance(model_cfg, Mapping) else model_cfg
     enc, con, dn, ex = m.encoder.depth, m.bridge.connector.depth, m.dnfm.depth, m.explain.depth
     R = Rule
@@ -139,26 +153,37 @@ def rule_table(model_cfg: Any) -> Rules:
     rules += _stack("text_encoder.encoder", ("text_encoder", "encoder"), enc, _encoder_block)
     rules += _pool("text_encoder.pool", ("text_encoder", "pool"))
     rules += _mean("text_encoder.gaussian", ("text_encoder", "gaussian"))
-    # Video: projection (no bias), temporal stack, LN, mean head.
+    # Video: projection (no bias), [patch positions,] temporal stack, LN, [attention pool,] mean head.
     rules += _dense("video_encoder.proj", ("video_encoder", "proj"), None, bias=False)
+    if m.video.patch_tokens:
+        rules += [R("video_encoder.patch_position_embedding", ("video_encoder", "patch_position_embedding"), "copy")]
     rules += _stack("video_encoder.temporal", ("video_encoder", "temporal"), enc, _encoder_block)
     rules += _ln("video_encoder.ln", ("video_encoder", "ln"), None)
+    if m.video.patch_tokens:
+        rules += _pool("video_encoder.pool", ("video_encoder", "pool"))
     rules += _mean("video_encoder.gaussian", ("video_encoder", "gaussian"))
-    # State: per-field affine maps, categorical table, residual MLP, attention pool, mean head.
+    # State: per-field maps [n_num, 1 + 2 * numeric_fourier, width], categorical table, residual
+    # MLP, [attention pool,] mean head.
     rules += [R("state_encoder.numeric_scale", ("state_encoder", "numeric_scale"), "copy"),
               R("state_encoder.numeric_shift", ("state_encoder", "numeric_shift"), "copy"),
               R("state_encoder.categorical.weight", ("state_encoder", "categorical", "embedding"), "copy")]
     rules += _ln("state_encoder.ln_mlp", ("state_encoder", "ln_mlp"), None)
     rules += _mlp("state_encoder.mlp", ("state_encoder", "mlp"), None)
-    rules += _pool("state_encoder.pool", ("state_encoder", "pool"))
+    if not m.state.field_tokens:
+        rules += _pool("state_encoder.pool", ("state_encoder", "pool"))
     rules += _mean("state_encoder.gaussian", ("state_encoder", "gaussian"))
-    # Bridge.
+    # Bridge: latent, tag and action-log tokens; queries; connector [with its skip projection].
     rules += _dense("bridge_inputs.latent_proj", ("bridge_inputs", "latent_proj"), None)
     rules += [R("bridge_inputs.modality_embedding", ("bridge_inputs", "modality_embedding"), "copy"),
               R("bridge_inputs.tag_embedding", ("bridge_inputs", "tag_embedding"), "copy")]
     rules += _dense("bridge_inputs.temporal_proj", ("bridge_inputs", "temporal_proj"), None, bias=False)
+    for name in ("history_action_embedding", "history_before_embedding"):
+        rules += [R(f"bridge_inputs.{name}.weight", ("bridge_inputs", name, "embedding"), "copy")]
+    rules += _dense("bridge_inputs.history_order_proj", ("bridge_inputs", "history_order_proj"), None, bias=False)
     rules += [R("queries.queries", ("queries", "queries"), "copy")]
     rules += _dense("connector.proj", ("connector", "proj"), None)
+    if m.bridge.connector_skip:
+        rules += _dense("connector.skip_proj", ("connector", "skip_proj"), None, bias=False)
     rules += _stack("connector.encoder", ("connector", "encoder"), con, _encoder_block)
     rules += _ln("connector.ln", ("connector", "ln"), None)
     rules += [R("connector.query_to_action", ("connector", "query_to_action"), "copy"),
@@ -169,7 +194,8 @@ def rule_table(model_cfg: Any) -> Rules:
               R("dnfm.position_embedding", ("dnfm", "position_embedding"), "copy")]
     for name in ("in_proj", "time_in", "time_out", "final_modulation", "out_proj"):
         rules += _dense(f"dnfm.{name}", ("dnfm", name), None)
-    rules += _stack("dnfm.blocks", ("dnfm", "blocks"), dn, _adaln_block)
+    block = _adaln_cross_block if m.dnfm.cross_attention else _adaln_block
+    rules += _stack("dnfm.blocks", ("dnfm", "blocks"), dn, block)
     # Explanation head (its output projection is tied to token_embedding).
     rules += [R("explanation.token_embedding.weight", ("explanation", "token_embedding", "embedding"), "copy"),
               R("explanation.position_embedding", ("explanation", "position_embedding"), "copy")]
@@ -228,7 +254,9 @@ def flax_to_torch(trainable: Params, frozen: Params, config: Mapping[str, Any],
     Args:
       trainable, frozen: the two param groups of `functional.init_params` / a checkpoint (nested
         dicts of numpy or JAX arrays; bf16 anchors are widened exactly); LoRA adapters in them are
-        merged into their kernels with the scale of `config["model"]["lora"]`.
+        merged into their kernels with the scale of `config["model"]["lora"]`. Only their union
+        matters: the anchor (`vit`, `lm`) sits in `frozen` under train.trainable "all" /
+        "lora_and_heads" and in `trainable` (float32) under "all_and_anchor".
       config: the mirror config (`config.json` contents; its "model" entry is read).
       dtype: numpy dtype of the output arrays (float32 keeps every value exactly).
     Returns:
@@ -236,6 +264,9 @@ def flax_to_torch(trainable: Params, frozen: Params, config: Mapping[str, Any],
     Raises:
       ConversionError listing missing, unknown and misshapen params.
     """
+    head = config["model"].get("action_head", "dnfm")
+    if head != "dnfm":
+        raise ConversionError(unsupported_action_head(head))
     params = merge_params(trainable, frozen)
     adapters = lora.LoRA.from_config(config["model"])
     if adapters.rank:  # without model.lora, stray adapters stay and are reported as unknown below

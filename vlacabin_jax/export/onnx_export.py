@@ -12,6 +12,16 @@ float32 in both files. Weights go to one external-data file when the graph would
 
 Every file passes `onnx.checker` (full check) and strict shape inference, has only the `batch`
 dimension symbolic on every input and output, and has no control-flow op, or the export fails.
+
+Inputs, in this order (`torch_model.INPUT_NAMES`; shapes in `torch_model`'s docstring and in the
+export's config.json "io"): text_tokens, text_mask, mel, mel_mask, frames, frame_mask,
+state_numeric, state_categorical, modality_mask, constraint_tags, history_actions, history_before.
+Ids are int32 (TensorRT's integer support is int32 first), masks bool, features float32. The two
+action-log inputs are int32 [batch, action_len] action-vocabulary ids (action_vocabulary.json):
+`history_actions` the earlier turn's executed tokens, `<eos>`, `<pad>` (= 0, masked in the LM),
+all `<pad>` without an earlier turn; `history_before` the replaced value of each, `<pad>` elsewhere.
+The graph's action decode (`model.dnfm.constrained_decode`) is unrolled over the action positions
+(Where / ArgMax, no loop and no boolean indexing).
 """
 
 from __future__ import annotations

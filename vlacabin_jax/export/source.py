@@ -6,9 +6,13 @@ or a fresh initialisation (smoke tests), checked before anything is written.
     src = from_random_init(get_config("tiny"))
 
 Checks with one clear `ExportInputError` each: the path exists and holds a complete checkpoint;
-its config is a VLA-Cabin config (and, when the caller names one, the same model as that config);
-its action vocabulary is the one this code builds (same version and token ids); the params have
-exactly the shapes the config gives.
+its config is a VLA-Cabin config (and, when the caller names one, the same model as that config)
+with an exportable action head (`model.action_head = "dnfm"`: the autoregressive head is the
+quality ladder's baseline and has no mirror); its action vocabulary is the one this code builds
+(same version and token ids); the params have exactly the shapes the config gives.
+
+The anchor (`vit`, `lm`) is in `frozen` (in `model.anchor_dtype`) unless `train.trainable =
+"all_and_anchor"`, which keeps it in `trainable` (float32); the conversion takes the union.
 """
 
 from __future__ import annotations
@@ -98,6 +102,30 @@ def _read_json_item(step_dir: Path, item: str) -> dict:
     raise ExportInputError(f"checkpoint {step_dir}: no readable JSON in {item}/")
 
 
+# Config fields added after the first checkpoints, with the value the model had before them (what
+# a checkpoint saved without the field was trained with).
+LEGACY_DEFAULTS = {
+    "model.bridge.connector_reads": "queries",
+    "model.bridge.connector_skip": False,
+    "model.state.field_tokens": False,
+    "model.state.numeric_fourier": 0,
+    "model.video.patch_tokens": False,
+    "model.dnfm.cross_attention": False,
+    "model.dnfm.constrained_decode": False,  # the per-position argmax
+    "model.action_head": "dnfm",
+    "model.latent.init_logvar": 0.0,
+}
+
+
+def check_exportable(cfg: Any) -> None:
+    """Refuse, in one line, a model the mirror cannot represent (`model.action_head` other than "dnfm")."""
+    from vlacabin_jax.export.torch_model import unsupported_action_head
+
+    head = cfg.model.get("action_head", "dnfm")
+    if head != "dnfm":
+        raise ExportInputError(unsupported_action_head(head))
+
+
 def config_from_json(saved: dict) -> Any:
     """The saved config JSON → a validated ConfigDict (its preset with the saved values; lists
     become the preset's tuples)."""
@@ -123,8 +151,16 @@ def config_from_json(saved: dict) -> Any:
 
     fill(cfg, saved, "")
     # Fields added after a checkpoint was written take the value that reproduces it, not the preset's.
-    if "connector_reads" not in saved["model"].get("bridge", {}):
-        cfg.model.bridge.connector_reads = "queries"
+    for path, value in LEGACY_DEFAULTS.items():
+        node, *keys, leaf = path.split(".")
+        where = saved.get(node, {})
+        for key in keys:
+            where = where.get(key, {}) if isinstance(where, dict) else {}
+        if not isinstance(where, dict) or leaf not in where:
+            target = cfg[node]
+            for key in keys:
+                target = target[key]
+            target[leaf] = value
     try:
         validate(cfg)
     except ConfigError as e:
@@ -211,6 +247,7 @@ def from_checkpoint(path: str | Path, cfg: Any | None = None) -> ExportSource:
 
     step_dir = resolve_step_dir(path)
     saved_cfg = config_from_json(_read_json_item(step_dir, "config"))
+    check_exportable(saved_cfg)
     metadata = _read_json_item(step_dir, "metadata")
     vocab_json = check_vocabulary(metadata.get("action_vocabulary"), f"checkpoint {step_dir}")
     if cfg is not None:
@@ -246,6 +283,7 @@ def from_random_init(cfg: Any, seed: int = 0) -> ExportSource:
     from vlacabin_jax.data.actions import ActionVocabulary
     from vlacabin_jax.model import functional
 
+    check_exportable(cfg)
     trainable, frozen = functional.init_params(cfg, jax.random.key(seed))
     frozen = jax.tree.map(np.asarray, functional.cast_anchor(nn.unbox(frozen), jnp.dtype(cfg.model.anchor_dtype)))
     return ExportSource(jax.tree.map(np.asarray, nn.unbox(trainable)), frozen, cfg, ActionVocabulary().to_json(),

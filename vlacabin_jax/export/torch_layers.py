@@ -61,6 +61,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int, hea
     return torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2)
 
 
+def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """`encoders.rms_normalize`: x / rms(x) over the last axis in float32, no scale (→ float32)."""
+    x32 = x.to(torch.float32)
+    return x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + eps)
+
+
 class LayerNorm(nn.Module):
     """Flax LayerNorm (eps 1e-6 by default, not torch's 1e-5) in float32; params stay float32."""
 
@@ -93,16 +99,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """q/k/v/out projections around `attend`; names configurable for the HF-named anchor."""
+    """q/k/v/out projections around `attend`; names configurable for the HF-named anchor.
+
+    `kv_width`: width of the key/value source when it differs from the query stream's (a
+    cross-attention reading another module's outputs; Flax's Dense takes it from the input)."""
 
     def __init__(self, width: int, heads: int, head_dim: int, kv_heads: int | None = None, qkv_bias: bool = True,
-                 out_bias: bool = True, names: tuple[str, str, str, str] = ("query", "key", "value", "out")):
+                 out_bias: bool = True, names: tuple[str, str, str, str] = ("query", "key", "value", "out"),
+                 kv_width: int | None = None):
         super().__init__()
         self.heads, self.head_dim, self.kv_heads = heads, head_dim, kv_heads or heads
         self.names = names
+        kv_width = kv_width or width
         setattr(self, names[0], nn.Linear(width, heads * head_dim, bias=qkv_bias))
-        setattr(self, names[1], nn.Linear(width, self.kv_heads * head_dim, bias=qkv_bias))
-        setattr(self, names[2], nn.Linear(width, self.kv_heads * head_dim, bias=qkv_bias))
+        setattr(self, names[1], nn.Linear(kv_width, self.kv_heads * head_dim, bias=qkv_bias))
+        setattr(self, names[2], nn.Linear(kv_width, self.kv_heads * head_dim, bias=qkv_bias))
         setattr(self, names[3], nn.Linear(heads * head_dim, width, bias=out_bias))
 
     # Sequence lengths are passed in as ints so that every Reshape gets a constant target shape

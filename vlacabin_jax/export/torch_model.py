@@ -3,11 +3,25 @@
     model = load_mirror("exported/")            # config.json + model.safetensors, strict load
     out = model(**inputs)                       # dict: action_tokens, explanation_tokens, z0, ...
 
-It computes exactly what `VLACabin.infer` computes (latent means, the z0 mean, `K` unrolled Euler
-steps of the DNFM sampler, argmax over the codebook logits, greedy explanation decoding), with the
-same dtype policy as the Flax modules: in a float16 mirror the matmuls run in float16 while norms,
-RoPE, attention logits and softmax, segment pooling, the codebook logits and the sampler state stay
-in float32, as Flax does with `dtype=float16`.
+It computes exactly what `VLACabin.infer` computes (latent means on one flat token axis, the z0
+mean, `K` unrolled Euler steps of the DNFM sampler, the action decode -- greedy under the action
+grammar with `model.dnfm.constrained_decode`, else the per-position argmax -- and greedy
+explanation decoding), with the same dtype policy as the Flax modules: in a float16 mirror the
+matmuls run in float16 while norms, RoPE, attention logits and softmax, segment pooling, the
+state encoder's Fourier features, the codebook logits and the sampler state stay in float32, as
+Flax does with `dtype=float16`.
+
+Every route a config can switch is mirrored, read from config.json's `model` section:
+  model.state.field_tokens     one Gaussian latent token per state field (no attention pool)
+  model.state.numeric_fourier  numeric field x → [x, sin(π 2^k x), cos(π 2^k x)], k < F, then a
+                               per-field map `numeric_scale` [n_num, 1 + 2F, width]
+  model.video.patch_tokens     ViT patch features kept apart through the temporal encoder, then an
+                               attention pool (else per-frame means and time segments)
+  model.bridge.connector_reads "all" LM positions or the "queries" only
+  model.bridge.connector_skip  connector input + skip_proj(rms_normalize(LM input))
+  model.dnfm.cross_attention   each DNFM block cross-attends to the connector's outputs (memory)
+  model.dnfm.constrained_decode  grammar-constrained greedy decode of the action ids
+`model.action_head = "autoregressive"` (the quality ladder's baseline) is refused by `check_config`.
 
 Differences from the Flax code that do not change the result, and why:
 - Masked attention logits are set to `torch_layers.MASKED_LOGIT` = -3e4 instead of JAX's -0.7 * float32 max: the
@@ -17,6 +31,13 @@ Differences from the Flax code that do not change the result, and why:
   below 2^24) because TensorRT has no integer CumSum.
 - The explanation decoder uses a key/value cache: causal attention makes position i depend only on
   tokens 0..i, so decoding one token at a time gives the tokens of the fixed-buffer loop.
+- The DNFM's cross-attention keys/values of the memory are projected once and reused by all K
+  sampler steps (the memory does not change along the path; Flax recomputes the same values).
+- The constrained decode is unrolled over the action positions with `where` masks (no loop, no
+  boolean indexing); it is `dnfm.grammar_step` transcribed, ties broken to the lowest id as
+  `jnp.argmax` / `torch.argmax` / ONNX ArgMax all do.
+- Per-modality index tables (modality id and slot of each latent token, the state encoder's
+  Fourier frequencies) are constant buffers computed from the config in Python.
 - Training-only parameters (log-variance heads, reconstruction heads, an untied LM head) are absent.
 - Sequence lengths come from the config as Python ints, never from traced tensor shapes, so every
   Reshape in the ONNX graph has a constant target (-1 only for the batch).
@@ -31,12 +52,20 @@ Input shapes (b = batch, dynamic in ONNX; the rest fixed by the config):
   mel float32 [b, mel_frames, n_mels], mel_mask bool [b, mel_frames],
   frames float32 [b, num_frames, S, S, 3] in [0, 1], frame_mask bool [b, num_frames],
   state_numeric float32 [b, n_num], state_categorical int32 [b, n_cat],
-  modality_mask bool [b, 4] (speech, text, video, state), constraint_tags bool [b, n_tags].
+  modality_mask bool [b, 4] (speech, text, video, state), constraint_tags bool [b, n_tags],
+  history_actions int32 [b, action_len]: the earlier turn's action log, action-vocabulary ids
+    (executed tokens in order, <eos>, then <pad> = 0; [<noop>, <eos>, <pad>...] for a turn that
+    did nothing; all <pad> without an earlier turn -- `spec.batch_spec`),
+  history_before int32 [b, action_len]: aligned with it, the `path=value` id each executed token's
+    path had before (<noop> under <noop>, <pad> elsewhere).
+  Ids must lie in [0, vocab) (text and action vocabularies): like the Flax embeddings, the
+  graph does not clamp them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -46,15 +75,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlacabin_jax.export.torch_layers import (Attention, DecoderLM, EncoderBlock, LayerNorm, Mlp, Stack,
-                                              VisionTransformer, key_mask, same_pads, segment_pool, sinusoidal)
+                                              VisionTransformer, key_mask, rms_normalize, same_pads, segment_pool,
+                                              sinusoidal)
 
 FORMAT = "vlacabin.torch_mirror"
 # 2: the text encoder RMS-normalises its input embeddings; `model.bridge.connector_reads`.
-FORMAT_VERSION = 2
+# 3: the action-log inputs `history_actions` / `history_before`; one flat latent token axis; the
+#    routes `state.field_tokens`, `state.numeric_fourier` (numeric_scale [n_num, 1 + 2F, width]),
+#    `video.patch_tokens`, `bridge.connector_skip`, `dnfm.cross_attention`, `dnfm.constrained_decode`.
+FORMAT_VERSION = 3
 INPUT_NAMES = ("text_tokens", "text_mask", "mel", "mel_mask", "frames", "frame_mask", "state_numeric",
-               "state_categorical", "modality_mask", "constraint_tags")
+               "state_categorical", "modality_mask", "constraint_tags", "history_actions", "history_before")
 OUTPUT_NAMES = ("action_tokens", "explanation_tokens", "z0", "velocities", "x1", "action_logits", "context")
 MAX_STEPS = 8
+MODALITIES = ("speech", "text", "video", "state")  # `spec.MODALITIES`: the latent token axis order
+# Action-vocabulary ids of the grammar's special tokens (`vlacabin_jax.data.actions`; the exported
+# action_vocabulary.json holds them at these ids).
+PAD_ID, EOS_ID, NOOP_ID = 0, 1, 2
+# `jnp.finfo(jnp.float32).min`: the logit of a token the grammar forbids (`dnfm.grammar_step`).
+FORBIDDEN_LOGIT = float(torch.finfo(torch.float32).min)
 
 
 def namespace(obj: Any) -> Any:
@@ -62,6 +101,22 @@ def namespace(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return SimpleNamespace(**{k: namespace(v) for k, v in obj.items()})
     return obj
+
+
+def latent_counts(m: Any) -> tuple[int, ...]:
+    """`vla_cabin.latent_counts`: latent tokens per modality in `MODALITIES` order (`m`: the model
+    section). Every modality has `latent.tokens_per_modality`, except the state with
+    `state.field_tokens`: one token per numeric and per categorical field."""
+    n = int(m.latent.tokens_per_modality)
+    state = int(m.state.numeric_dim) + len(m.state.categorical_sizes) if m.state.field_tokens else n
+    return tuple(state if name == "state" else n for name in MODALITIES)
+
+
+def latent_layout(m: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`vla_cabin.latent_layout`: (modality id, slot within the modality) of every latent token."""
+    counts = latent_counts(m)
+    return (tuple(i for i, n in enumerate(counts) for _ in range(n)),
+            tuple(j for n in counts for j in range(n)))
 
 
 # ------------------------------------------------------------------------------------ encoders
@@ -148,8 +203,7 @@ class TextEncoder(_Encoder):
         self.gaussian = GaussianMean(e.width, m.latent.d_latent)
 
     def forward(self, token_embeddings: Tensor, text_mask: Tensor) -> Tensor:
-        e = token_embeddings.float()  # `encoders.rms_normalize`: in fp32, no scale
-        x = self.proj((e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)).to(token_embeddings.dtype))
+        x = self.proj(rms_normalize(token_embeddings).to(self.dtype))
         length = self.c.data.text_len
         x = x + self._positions(length)
         x = self.encoder(x, key_mask(text_mask), length)
@@ -157,98 +211,170 @@ class TextEncoder(_Encoder):
 
 
 class VideoEncoder(_Encoder):
-    """Per-frame ViT features [b, f, d_vit], mask [b, f] → (means [b, n, d_latent], token mask [b, n])."""
+    """`encoders.VideoEncoder` → (means [b, n, d_latent], token mask [b, n]).
+
+    `model.video.patch_tokens = False`: per-frame features [b, f, d_vit] (patches averaged),
+    temporal encoder over the frames, `n` time segments. True: patch features [b, f, p, d_vit],
+    a frame time position plus a learned patch position, one encoder over the f * p tokens (a
+    patch is valid where its frame is), an attention pool to `n` tokens; every token is valid
+    where any frame is.
+    """
 
     def __init__(self, c: Any, dtype: torch.dtype):
         super().__init__(c, dtype)
         m, e = c.model, c.model.encoder
+        self.patch_tokens = bool(m.video.patch_tokens)
+        self.n_tokens = int(m.latent.tokens_per_modality)
         self.proj = nn.Linear(m.vit.width, e.width, bias=False)
         self.temporal = self._stack()
         self.ln = LayerNorm(e.width, dtype=dtype)
         self.gaussian = GaussianMean(e.width, m.latent.d_latent)
+        if self.patch_tokens:
+            self.patches = (m.vit.image_size // m.vit.patch_size) ** 2
+            self.patch_position_embedding = nn.Parameter(torch.zeros(self.patches, e.width))
+            self.pool = AttentionPool(self.n_tokens, e.width, e.heads, dtype)
+            # Broadcast helpers (an `&` with constant ones instead of expand/repeat_interleave: a
+            # plain elementwise op in the graph, and no size read off a traced tensor).
+            self.register_buffer("patch_ones", torch.ones(1, self.patches, dtype=torch.bool), persistent=False)
+            self.register_buffer("token_ones", torch.ones(self.n_tokens, dtype=torch.bool), persistent=False)
 
     def forward(self, frame_features: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """frame_features [b, f, d_vit] (per-frame means) or [b, f, p, d_vit] (`patch_tokens`);
+        frame_mask [b, f]."""
         x = self.proj(frame_features)
         frames = self.c.data.num_frames
-        x = x + self._positions(frames)
-        x = self.ln(self.temporal(x, key_mask(frame_mask), frames))
-        pooled, token_mask = segment_pool(x, frame_mask, self.c.model.latent.tokens_per_modality, frames, self.width)
-        return self.gaussian(pooled), token_mask
+        if not self.patch_tokens:
+            x = x + self._positions(frames)
+            x = self.ln(self.temporal(x, key_mask(frame_mask), frames))
+            pooled, token_mask = segment_pool(x, frame_mask, self.n_tokens, frames, self.width)
+            return self.gaussian(pooled), token_mask
+        length = frames * self.patches
+        x = x + self._positions(frames)[None, :, None] + self.patch_position_embedding[None, None]
+        # jnp.repeat(frame_mask, p, axis=1): frame-major, the order of the reshape below.
+        mask = (frame_mask[:, :, None] & self.patch_ones).reshape(-1, length)
+        x = self.ln(self.temporal(x.reshape(-1, length, self.width), key_mask(mask), length))
+        means = self.gaussian(self.pool(x, mask, length))
+        # any(frame_mask) as a float max: TensorRT reduces no booleans.
+        any_frame = frame_mask.to(torch.float32).amax(dim=-1, keepdim=True) > 0.0
+        return means, any_frame & self.token_ones
 
 
 class StateEncoder(_Encoder):
-    """numeric [b, n_num] float, categorical [b, n_cat] int → means [b, n, d_latent]."""
+    """numeric [b, n_num] float, categorical [b, n_cat] int → means [b, n, d_latent]
+    (`encoders.StateEncoder`; all tokens valid).
+
+    Each field is one token: numeric fields through a per-field map of the value (and, with
+    `model.state.numeric_fourier = F > 0`, its Fourier features sin/cos(π 2^k x), k < F, computed
+    in float32), categorical fields through one embedding table; a residual MLP; then one
+    Gaussian per field token (`model.state.field_tokens`) or an attention pool to
+    `tokens_per_modality` tokens first.
+    """
 
     def __init__(self, c: Any, dtype: torch.dtype):
         super().__init__(c, dtype)
         m, e = c.model, c.model.encoder
         sizes = [int(s) for s in m.state.categorical_sizes]
-        self.numeric_scale = nn.Parameter(torch.zeros(m.state.numeric_dim, e.width))
-        self.numeric_shift = nn.Parameter(torch.zeros(m.state.numeric_dim, e.width))
+        self.n_num, self.n_fields = int(m.state.numeric_dim), int(m.state.numeric_dim) + len(sizes)
+        self.fourier, self.field_tokens = int(m.state.numeric_fourier), bool(m.state.field_tokens)
+        self.numeric_scale = nn.Parameter(torch.zeros(self.n_num, 1 + 2 * self.fourier, e.width))
+        self.numeric_shift = nn.Parameter(torch.zeros(self.n_num, e.width))
         self.categorical = nn.Embedding(sum(sizes), e.width)
         self.ln_mlp = LayerNorm(e.width, dtype=dtype)
         self.mlp = Mlp(e.width, e.mlp_dim, "gelu")
-        self.pool = AttentionPool(m.latent.tokens_per_modality, e.width, e.heads, dtype)
+        if not self.field_tokens:
+            self.pool = AttentionPool(m.latent.tokens_per_modality, e.width, e.heads, dtype)
         self.gaussian = GaussianMean(e.width, m.latent.d_latent)
         # int32 index arithmetic throughout: TensorRT's integer support is int32 first.
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int32), persistent=False)
         self.register_buffer("max_ids", torch.tensor([s - 1 for s in sizes], dtype=torch.int32), persistent=False)
         self.register_buffer("zero", torch.zeros((), dtype=torch.int32), persistent=False)
+        # π 2^k in float32: the exact values of `jnp.pi * 2.0 ** jnp.arange(F, dtype=float32)`
+        # (scaling by a power of two commutes with rounding).
+        self.register_buffer("frequencies", torch.tensor([math.pi * 2.0 ** k for k in range(self.fourier)],
+                                                         dtype=torch.float32), persistent=False)
 
     def forward(self, numeric: Tensor, categorical: Tensor) -> Tensor:
-        num_tokens = numeric.to(self.dtype)[..., None] * self.numeric_scale + self.numeric_shift
+        value = numeric.to(torch.float32)[..., None]  # [b, n_num, 1]
+        if self.fourier:
+            angles = value * self.frequencies
+            value = torch.cat([value, torch.sin(angles), torch.cos(angles)], dim=-1)  # [b, n_num, 1 + 2F]
+        # einsum("bnf,nfw->bnw") as a broadcast matmul [b, n, 1, f] @ [n, f, w]: MatMul, not Einsum, in ONNX.
+        mapped = torch.matmul(value.to(self.dtype)[:, :, None, :], self.numeric_scale)
+        num_tokens = mapped.reshape(-1, self.n_num, self.width) + self.numeric_shift
         ids = torch.minimum(torch.maximum(categorical.to(torch.int32), self.zero), self.max_ids) + self.offsets
         x = torch.cat([num_tokens, self.categorical(ids)], dim=1)
         x = x + self.mlp(self.ln_mlp(x))
-        return self.gaussian(self.pool(x, None, self.numeric_scale.shape[0] + self.offsets.shape[0]))
+        if not self.field_tokens:
+            x = self.pool(x, None, self.n_fields)
+        return self.gaussian(x)
 
 
 # ------------------------------------------------------------------------------------ bridge, DNFM, explanation
 
 
 class BridgeInputs(nn.Module):
-    """`bridge.BridgeInputs`: latent tokens [b, n, d_latent] → [b, n, d_lm], plus tag tokens [b, n_tags, d_lm]."""
+    """`bridge.BridgeInputs`: the LM input tokens before the text.
+
+    latent tokens [b, n_latent, d_latent] → [b, n_latent, d_lm] (projection + modality-type
+    embedding + slot position, by the static `latent_layout`); tag tokens [b, n_tags, d_lm];
+    action-log tokens [b, action_len, d_lm] = embedding of the executed id + embedding of the
+    value it replaced + a learned map of the position's sinusoid.
+    """
 
     def __init__(self, c: Any, num_modalities: int, dtype: torch.dtype):
         super().__init__()
         m = c.model
-        self.dtype, self.n_tok = dtype, m.latent.tokens_per_modality
+        self.dtype, self.action_len = dtype, int(m.action_len)
         self.latent_proj = nn.Linear(m.latent.d_latent, m.lm.width)
         self.modality_embedding = nn.Parameter(torch.zeros(num_modalities, m.lm.width))
         self.temporal_proj = nn.Linear(64, m.lm.width, bias=False)
         self.tag_embedding = nn.Parameter(torch.zeros(m.bridge.n_constraint_tags, m.lm.width))
+        self.history_action_embedding = nn.Embedding(m.dnfm.vocab_size, m.lm.width)
+        self.history_before_embedding = nn.Embedding(m.dnfm.vocab_size, m.lm.width)
+        self.history_order_proj = nn.Linear(64, m.lm.width, bias=False)
+        ids, slots = latent_layout(m)
+        self.register_buffer("modality_ids", torch.tensor(ids, dtype=torch.int64), persistent=False)
+        self.register_buffer("slots", torch.tensor(slots, dtype=torch.float32), persistent=False)
 
-    def forward(self, latents: Tensor, batch_size_like: Tensor) -> tuple[Tensor, Tensor]:
-        n_mod = self.modality_embedding.shape[0]
+    def forward(self, latents: Tensor, batch_size_like: Tensor, history_actions: Tensor,
+                history_before: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.latent_proj(latents.to(self.dtype))
-        modality = self.modality_embedding.repeat_interleave(self.n_tok, dim=0)  # modality_ids = repeat(arange)
-        slots = torch.arange(self.n_tok).repeat(n_mod)  # slots = tile(arange)
-        temporal = self.temporal_proj(sinusoidal(slots, 64).to(self.dtype))
-        x = x + modality[None] + temporal[None]
+        temporal = self.temporal_proj(sinusoidal(self.slots, 64).to(self.dtype))
+        x = x + self.modality_embedding[self.modality_ids][None] + temporal[None]
         tags = self.tag_embedding[None].expand(batch_size_like.shape[0], *self.tag_embedding.shape)
-        return x, tags
+        order = self.history_order_proj(sinusoidal(torch.arange(self.action_len), 64).to(self.dtype))
+        log = self.history_action_embedding(history_actions) + self.history_before_embedding(history_before)
+        return x, tags, log + order[None]
 
 
 class Connector(nn.Module):
-    """`bridge.Connector`: LM outputs [b, l, d_lm] ending with the q query positions, mask [b, l] →
-    (context [b, q, width], z0 mean [b, A, d_action])."""
+    """`bridge.Connector`: LM outputs [b, l, d_lm] ending with the q query positions, mask [b, l],
+    the LM inputs at those positions [b, l, d_lm] (read with `model.bridge.connector_skip`) →
+    (context [b, q, width], z0 mean [b, A, d_action], memory [b, l, width]: the LayerNorm'd
+    outputs at every position, what the DNFM's cross-attention reads)."""
 
     def __init__(self, c: Any, dtype: torch.dtype):
         super().__init__()
         m, k = c.model, c.model.bridge.connector
+        self.dtype, self.skip = dtype, bool(m.bridge.connector_skip)
         self.proj = nn.Linear(m.lm.width, k.width)
+        if self.skip:
+            self.skip_proj = nn.Linear(m.lm.width, k.width, bias=False)
         self.encoder = Stack([EncoderBlock(k.width, k.heads, k.mlp_dim, dtype) for _ in range(k.depth)])
         self.ln = LayerNorm(k.width, dtype=dtype)
         self.query_to_action = nn.Parameter(torch.zeros(m.bridge.n_queries, m.action_len))
         self.action_slot_embedding = nn.Parameter(torch.zeros(m.action_len, k.width))
         self.z0 = GaussianMean(k.width, m.dnfm.d_action)
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.encoder(self.proj(hidden), key_mask(mask), hidden.shape[1])
-        context = self.ln(x[:, hidden.shape[1] - self.query_to_action.shape[0]:])
+    def forward(self, hidden: Tensor, mask: Tensor, inputs: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.proj(hidden)
+        if self.skip:  # around the frozen LM: each position's own input, RMS-normalised
+            x = x + self.skip_proj(rms_normalize(inputs).to(self.dtype))
+        memory = self.ln(self.encoder(x, key_mask(mask), length))
+        context = memory[:, length - self.query_to_action.shape[0]:]
         slots = torch.matmul(context.transpose(1, 2), self.query_to_action).transpose(1, 2)  # bqw,qa->baw
-        return context, self.z0(slots + self.action_slot_embedding)
+        return context, self.z0(slots + self.action_slot_embedding), memory
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -256,38 +382,55 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class AdaLNBlock(nn.Module):
-    """`dnfm.AdaLNBlock`; `jnp.split(mod, 6)` order: shift_a, scale_a, gate_a, shift_m, scale_m, gate_m."""
+    """`dnfm.AdaLNBlock`; `jnp.split(mod, 6)` order: shift_a, scale_a, gate_a, shift_m, scale_m, gate_m.
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, length: int, dtype: torch.dtype):
+    With `memory_width` (`model.dnfm.cross_attention`): after the gated self-attention residual,
+    `x + cross_attn(LayerNorm(x), memory)` (no gate), keys masked by the memory mask.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, length: int, dtype: torch.dtype,
+                 memory_width: int | None = None):
         super().__init__()
         self.length = length
         self.modulation = nn.Linear(width, 6 * width)
         self.ln_attn = LayerNorm(width, affine=False, dtype=dtype)
         self.attn = Attention(width, heads, width // heads)
+        if memory_width is not None:
+            self.ln_cross = LayerNorm(width, dtype=dtype)
+            self.cross_attn = Attention(width, heads, width // heads, kv_width=memory_width)
         self.ln_mlp = LayerNorm(width, affine=False, dtype=dtype)
         self.mlp = Mlp(width, mlp_dim, "gelu")
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, memory_kv: tuple[Tensor, Tensor] | None = None,
+                memory_mask: Tensor | None = None) -> Tensor:
+        """memory_kv: this block's cross-attention (k, v) of the memory (`DNFM.memory_kv`);
+        memory_mask [b, 1, 1, m] bool."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(cond)).chunk(6, dim=-1)
         h = self.attn(modulate(self.ln_attn(x), shift_a, scale_a), None, self.length)
         x = x + gate_a[:, None, :] * h
+        if memory_kv is not None:
+            q = self.cross_attn.project_q(self.ln_cross(x), self.length)
+            x = x + self.cross_attn.output(self.cross_attn.attend(q, *memory_kv, memory_mask), self.length)
         return x + gate_m[:, None, :] * self.mlp(modulate(self.ln_mlp(x), shift_m, scale_m))
 
 
 class DNFM(nn.Module):
-    """`dnfm.DNFM`: normalised codebook, codebook logits, velocity network v(x_t, t)."""
+    """`dnfm.DNFM`: normalised codebook, codebook logits, velocity network v(x_t, t[, memory])."""
 
     def __init__(self, c: Any, dtype: torch.dtype):
         super().__init__()
         m, d = c.model, c.model.dnfm
         self.dtype, self.d_action, self.temperature = dtype, d.d_action, float(d.temperature)
+        self.cross_attention = bool(d.cross_attention)
         self.action_codebook = nn.Parameter(torch.zeros(d.vocab_size, d.d_action))
         self.action_codebook.keep_fp32 = True  # the codebook and its logits are float32 in Flax too
         self.in_proj = nn.Linear(d.d_action, d.width)
         self.position_embedding = nn.Parameter(torch.zeros(m.action_len, d.width))
         self.time_in = nn.Linear(256, d.width)
         self.time_out = nn.Linear(d.width, d.width)
-        self.blocks = Stack([AdaLNBlock(d.width, d.heads, d.mlp_dim, m.action_len, dtype) for _ in range(d.depth)])
+        memory_width = int(m.bridge.connector.width) if self.cross_attention else None
+        self.blocks = Stack([AdaLNBlock(d.width, d.heads, d.mlp_dim, m.action_len, dtype, memory_width)
+                             for _ in range(d.depth)])
         self.final_modulation = nn.Linear(d.width, 2 * d.width)
         self.final_ln = LayerNorm(d.width, affine=False, dtype=dtype)
         self.out_proj = nn.Linear(d.width, d.d_action)
@@ -301,13 +444,59 @@ class DNFM(nn.Module):
         """[b, l, d_action] → [b, l, vocab] float32: x · Eᵀ / (d_action · τ)."""
         return torch.matmul(x.to(torch.float32), self.codebook().t()) / (self.d_action * self.temperature)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """x_t [b, l, d_action] float32; t [1] or [b] → velocity [b, l, d_action] float32."""
+    def memory_kv(self, memory: Tensor, length: int) -> list[tuple[Tensor, Tensor] | None]:
+        """Each block's cross-attention keys/values of the memory [b, length, width] (None per block
+        without `cross_attention`): computed once, read by every sampler step."""
+        if not self.cross_attention:
+            return [None] * len(self.blocks.layers)
+        memory = memory.to(self.dtype)
+        return [block.cross_attn.project_kv(memory, length) for block in self.blocks.layers]
+
+    def forward(self, x_t: Tensor, t: Tensor, memory_kv: list | None = None,
+                memory_mask: Tensor | None = None) -> Tensor:
+        """x_t [b, l, d_action] float32; t [1] or [b]; memory_kv from `memory_kv`, memory_mask
+        [b, m] bool (both read only with `cross_attention`) → velocity [b, l, d_action] float32."""
         h = self.in_proj(x_t.to(self.dtype)) + self.position_embedding[None]
         cond = self.time_out(F.silu(self.time_in(sinusoidal(t * 1000.0, 256).to(self.dtype))))
-        h = self.blocks(h, cond)
+        kvs = memory_kv if memory_kv is not None else [None] * len(self.blocks.layers)
+        mask = None if memory_mask is None else key_mask(memory_mask)
+        for block, kv in zip(self.blocks.layers, kvs):
+            h = block(h, cond, kv, mask)
         shift, scale = self.final_modulation(F.silu(cond)).chunk(2, dim=-1)
         return self.out_proj(modulate(self.final_ln(h), shift, scale)).to(torch.float32)
+
+
+def decode_tokens(logits: Tensor, constrained: bool, length: int, vocab: int) -> Tensor:
+    """`dnfm.decode_tokens`: codebook logits [b, length, vocab] float32 → action ids [b, length] int32.
+
+    `constrained`: greedy left to right under the action grammar, `dnfm.grammar_step` position by
+    position (unrolled; `length` and `vocab` are Python ints from the config): after an `<eos>`
+    only `<pad>`; after a `<noop>` at position 0, and at the last position, only `<eos>`; otherwise
+    neither `<pad>` nor (at 0) `<eos>` nor (after 0) `<noop>`. Forbidden logits become float32's
+    lowest value through `where` (no boolean indexing), then argmax (first maximum, as in JAX).
+    Otherwise the plain per-position argmax.
+    """
+    if not constrained:
+        return torch.argmax(logits, dim=-1).to(torch.int32)
+    ids = torch.arange(vocab)
+    is_pad, is_eos, is_noop = ids == PAD_ID, ids == EOS_ID, ids == NOOP_ID
+    ended = torch.zeros_like(logits[:, 0, 0], dtype=torch.bool)  # [b]: an <eos> came before
+    noop = ended  # [b]: position 0 was <noop> and no <eos> yet
+    out = []
+    for i in range(length):
+        only_pad = ended[:, None]
+        # `(noop | (i == length - 1)) & ~only_pad`, with the static last-position case resolved in
+        # Python (the tracer has no tensor-or-bool op).
+        only_eos = ~only_pad if i == length - 1 else noop[:, None] & ~only_pad
+        free = ~(only_pad | only_eos)
+        allowed_free = ~is_pad & (~is_eos if i == 0 else ~is_noop)
+        allowed = (only_pad & is_pad) | (only_eos & is_eos) | (free & allowed_free)
+        masked = torch.where(allowed, logits[:, i].to(torch.float32), FORBIDDEN_LOGIT)
+        tok = torch.argmax(masked, dim=-1).to(torch.int32)
+        noop = (tok == NOOP_ID) if i == 0 else noop & (tok != EOS_ID)
+        ended = ended | (tok == EOS_ID)
+        out.append(tok)
+    return torch.stack(out, dim=1)
 
 
 class ExplainBlock(nn.Module):
@@ -399,7 +588,7 @@ class VLACabinMirror(nn.Module):
         self.text_encoder = TextEncoder(c, dtype)
         self.video_encoder = VideoEncoder(c, dtype)
         self.state_encoder = StateEncoder(c, dtype)
-        self.bridge_inputs = BridgeInputs(c, 4, dtype)
+        self.bridge_inputs = BridgeInputs(c, len(MODALITIES), dtype)
         self.queries = nn.Module()
         self.queries.queries = nn.Parameter(torch.zeros(m.bridge.n_queries, m.lm.width))
         self.connector = Connector(c, dtype)
@@ -410,58 +599,98 @@ class VLACabinMirror(nn.Module):
     # The stages, separately callable (and what `verify` compares with the JAX intermediates).
     def encode(self, text_tokens, text_mask, mel, mel_mask, frames, frame_mask, state_numeric,
                state_categorical, modality_mask) -> tuple[Tensor, Tensor]:
-        """→ latent means [b, 4, n, d_latent] float32, mask [b, 4, n] bool (`VLACabin.encode`)."""
+        """→ latent means [b, n_latent, d_latent] float32 and mask [b, n_latent] bool, on one token
+        axis in `MODALITIES` order (`VLACabin.encode`; `latent_counts` tokens per modality)."""
         m, f = self.cfg.model, self.cfg.data.num_frames
         size = m.vit.image_size
         pixels = frames.reshape(-1, size, size, 3).to(self.dtype) * 2.0 - 1.0
-        feats = self.vit(pixels)
-        per_frame = feats.mean(dim=1).reshape(-1, f, m.vit.width)
+        feats = self.vit(pixels)  # [b * f, patches, d_vit]
+        if m.video.patch_tokens:
+            video_in = feats.reshape(-1, f, self.video_encoder.patches, m.vit.width)
+        else:
+            video_in = feats.mean(dim=1).reshape(-1, f, m.vit.width)
         speech, speech_mask = self.speech_encoder(mel, mel_mask)
         text = self.text_encoder(self.lm.embed(text_tokens), text_mask)
-        video, video_mask = self.video_encoder(per_frame, frame_mask)
+        video, video_mask = self.video_encoder(video_in, frame_mask)
         state = self.state_encoder(state_numeric, state_categorical)
-        ones = torch.ones_like(speech_mask)
-        means = torch.stack([speech, text, video, state], dim=1)
-        mask = torch.stack([speech_mask, ones, video_mask, ones], dim=1) & modality_mask[:, :, None]
-        return means, mask
+        counts = latent_counts(m)
+        # Text and state tokens are always valid; every token of an absent modality is masked.
+        own = {"speech": speech_mask, "text": None, "video": video_mask, "state": None}
+        masks = []
+        for i, (name, n) in enumerate(zip(MODALITIES, counts)):
+            present = modality_mask[:, i:i + 1]  # [b, 1], broadcast over the modality's tokens
+            ones = torch.ones(n, dtype=torch.bool)
+            masks.append((present & ones) if own[name] is None else (own[name] & present))
+        means = torch.cat([speech, text, video, state], dim=1)
+        return means, torch.cat(masks, dim=1)
 
     def context(self, latents: Tensor, latent_mask: Tensor, text_tokens: Tensor, text_mask: Tensor,
-                constraint_tags: Tensor) -> tuple[Tensor, Tensor]:
-        """→ (context [b, q, width], z0 mean [b, A, d_action] float32) (`VLACabin.context`)."""
+                constraint_tags: Tensor, history_actions: Tensor, history_before: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """→ (context [b, q, width], z0 mean [b, A, d_action] float32, memory [b, l, width] and
+        memory mask [b, l] bool: the connector outputs the DNFM cross-attends to) (`VLACabin.context`).
+
+        The LM reads [latent tokens, tag tokens, action-log tokens, text, queries]; tags are masked
+        when inactive, the log where `history_actions` is `<pad>`."""
         m = self.cfg.model
-        n_mod, n_tok, d = 4, m.latent.tokens_per_modality, m.latent.d_latent
-        latent_tokens, tag_tokens = self.bridge_inputs(latents.reshape(-1, n_mod * n_tok, d), text_tokens)
+        n_latent = sum(latent_counts(m))
+        latent_tokens, tag_tokens, log_tokens = self.bridge_inputs(latents, text_tokens, history_actions,
+                                                                   history_before)
         text = self.lm.embed(text_tokens)
         queries = self.queries.queries.to(self.dtype)[None].expand(text.shape[0], *self.queries.queries.shape)
-        seq = torch.cat([latent_tokens, tag_tokens, text, queries], dim=1)
-        mask = torch.cat([latent_mask.reshape(-1, n_mod * n_tok), constraint_tags, text_mask,
+        seq = torch.cat([latent_tokens, tag_tokens, log_tokens, text, queries], dim=1)
+        mask = torch.cat([latent_mask, constraint_tags, history_actions != PAD_ID, text_mask,
                           torch.ones_like(queries[:, :, 0], dtype=torch.bool)], dim=1)
-        length = n_mod * n_tok + m.bridge.n_constraint_tags + self.cfg.data.text_len + m.bridge.n_queries
+        length = n_latent + m.bridge.n_constraint_tags + m.action_len + self.cfg.data.text_len + m.bridge.n_queries
         hidden = self.lm(seq, mask, length)
         start = length - m.bridge.n_queries if m.bridge.connector_reads == "queries" else 0
-        return self.connector(hidden[:, start:length], mask[:, start:length])
+        memory_mask = mask[:, start:length]
+        context, z0, memory = self.connector(hidden[:, start:length], memory_mask, seq[:, start:length],
+                                             length - start)
+        return context, z0, memory, memory_mask
 
-    def sample(self, z0: Tensor) -> tuple[Tensor, Tensor]:
-        """K Euler steps from z0 (`dnfm.euler_sample`): → (x1 [b, A, d], velocities [b, K, A, d])."""
+    def sample(self, z0: Tensor, memory: Tensor | None = None, memory_mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """K Euler steps from z0 (`dnfm.euler_sample`): → (x1 [b, A, d], velocities [b, K, A, d]).
+        memory [b, m, width] / memory_mask [b, m] feed the cross-attention (`dnfm.cross_attention`)."""
+        kv = None
+        if self.dnfm.cross_attention:
+            kv = self.dnfm.memory_kv(memory, self.memory_length)
         x, dt, velocities = z0.to(torch.float32), 1.0 / self.steps, []
         for k in range(self.steps):
             t = torch.full((1,), k * dt, dtype=torch.float32)  # the same t for every sample
-            v = self.dnfm(x, t)
+            v = self.dnfm(x, t, kv, memory_mask if kv is not None else None)
             velocities.append(v)
             x = x + dt * v
         return x, torch.stack(velocities, dim=1)
 
+    @property
+    def memory_length(self) -> int:
+        """Positions the connector reads (and the DNFM's memory holds)."""
+        m = self.cfg.model
+        if m.bridge.connector_reads == "queries":
+            return int(m.bridge.n_queries)
+        return (sum(latent_counts(m)) + m.bridge.n_constraint_tags + m.action_len + self.cfg.data.text_len
+                + m.bridge.n_queries)
+
+    def decode_actions(self, logits: Tensor) -> Tensor:
+        """Codebook logits [b, A, vocab] → action ids [b, A] int32 (`dnfm.decode_tokens`)."""
+        m = self.cfg.model
+        return decode_tokens(logits, bool(m.dnfm.constrained_decode), int(m.action_len), int(m.dnfm.vocab_size))
+
     def forward(self, text_tokens, text_mask, mel, mel_mask, frames, frame_mask, state_numeric,
-                state_categorical, modality_mask, constraint_tags) -> dict[str, Tensor]:
+                state_categorical, modality_mask, constraint_tags, history_actions,
+                history_before) -> dict[str, Tensor]:
         """Inputs as in the module docstring. Returns {action_tokens int32 [b, A], explanation_tokens
         int32 [b, explain_len], z0 [b, A, d], velocities [b, K, A, d], x1 [b, A, d],
         action_logits [b, A, vocab], context [b, q, width]} (all float outputs float32)."""
         means, mask = self.encode(text_tokens, text_mask, mel, mel_mask, frames, frame_mask, state_numeric,
                                   state_categorical, modality_mask)
-        context, z0 = self.context(means, mask, text_tokens, text_mask, constraint_tags)
-        x1, velocities = self.sample(z0)
+        context, z0, memory, memory_mask = self.context(means, mask, text_tokens, text_mask, constraint_tags,
+                                                        history_actions, history_before)
+        x1, velocities = self.sample(z0, memory, memory_mask)
         logits = self.dnfm.logits(x1)
-        return {"action_tokens": torch.argmax(logits, dim=-1).to(torch.int32),
+        return {"action_tokens": self.decode_actions(logits),
                 "explanation_tokens": self.explanation(context), "z0": z0, "velocities": velocities,
                 "x1": x1, "action_logits": logits, "context": context.to(torch.float32)}
 
@@ -486,6 +715,16 @@ def check_config(config: Mapping[str, Any]) -> None:
     steps = config.get("steps")
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"sampler steps K={steps!r} not supported (1..{MAX_STEPS})")
+    head = (config.get("model") or {}).get("action_head", "dnfm")
+    if head != "dnfm":
+        raise ValueError(unsupported_action_head(head))
+
+
+def unsupported_action_head(head: Any) -> str:
+    """The one-line refusal of an action head the mirror does not have."""
+    return (f"model.action_head = {head!r} is not exported: the mirror and ONNX graph carry the DNFM action "
+            "head only (the autoregressive head is the quality ladder's baseline); export a model trained "
+            "with model.action_head = 'dnfm'")
 
 
 def example_inputs(config: Mapping[str, Any], batch_size: int, seed: int = 0) -> dict[str, Tensor]:
@@ -506,7 +745,27 @@ def example_inputs(config: Mapping[str, Any], batch_size: int, seed: int = 0) ->
         "state_categorical": (torch.rand(batch_size, len(sizes), generator=g) * sizes).to(torch.int32),
         "modality_mask": torch.ones(batch_size, 4, dtype=torch.bool),
         "constraint_tags": torch.rand(batch_size, m.bridge.n_constraint_tags, generator=g) < 0.3,
+        **example_history(m.action_len, m.dnfm.vocab_size, batch_size, g),
     }
+
+
+def example_history(action_len: int, vocab: int, batch_size: int, g: torch.Generator) -> dict[str, Tensor]:
+    """Action logs in the layout of `spec.batch_spec` (values random, structure real), cycling over
+    the row kinds: no earlier turn (all <pad>), an executed log (device ids, <eos>, <pad>; before
+    ids under the executed ones), a turn that did nothing ([<noop>, <eos>], <noop> under <noop>)."""
+    actions = torch.full((batch_size, action_len), PAD_ID, dtype=torch.int32)
+    before = torch.full((batch_size, action_len), PAD_ID, dtype=torch.int32)
+    for i in range(batch_size):
+        kind = i % 3
+        if kind == 1 and action_len > 1:
+            n = int(torch.randint(1, action_len, (1,), generator=g))
+            actions[i, :n] = torch.randint(NOOP_ID + 1, vocab, (n,), generator=g, dtype=torch.int32)
+            actions[i, n] = EOS_ID
+            before[i, :n] = torch.randint(NOOP_ID + 1, vocab, (n,), generator=g, dtype=torch.int32)
+        elif kind == 2 and action_len > 1:
+            actions[i, :2] = torch.tensor([NOOP_ID, EOS_ID], dtype=torch.int32)
+            before[i, 0] = NOOP_ID
+    return {"history_actions": actions, "history_before": before}
 
 
 def io_spec(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
@@ -518,7 +777,8 @@ def io_spec(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
                  "frames": ("float32", [d.num_frames, size, size, 3]), "frame_mask": ("bool", [d.num_frames]),
                  "state_numeric": ("float32", [m.state.numeric_dim]),
                  "state_categorical": ("int32", [len(m.state.categorical_sizes)]),
-                 "modality_mask": ("bool", [4]), "constraint_tags": ("bool", [m.bridge.n_constraint_tags])}
+                 "modality_mask": ("bool", [4]), "constraint_tags": ("bool", [m.bridge.n_constraint_tags]),
+                 "history_actions": ("int32", [a]), "history_before": ("int32", [a])}
     shapes_out = {"action_tokens": ("int32", [a]), "explanation_tokens": ("int32", [m.explain_len]),
                   "z0": ("float32", [a, m.dnfm.d_action]), "velocities": ("float32", [k, a, m.dnfm.d_action]),
                   "x1": ("float32", [a, m.dnfm.d_action]), "action_logits": ("float32", [a, m.dnfm.vocab_size]),

@@ -5,8 +5,11 @@
 
 The reference is the Flax model itself run in float32 (compute dtype and anchor params float32):
 `functional.infer` for the tokens, and the same modules (`VLACabin.encode`, `.context`,
-`dnfm.euler_sample`, `.dnfm.logits`) for the continuous outputs. The inputs are random batches with
-missing modalities and padding, plus real samples of the synthetic cabin world.
+`dnfm.euler_sample` over `.dnfm` with the connector memory, `.dnfm.logits`) for the continuous
+outputs; `dnfm.decode_tokens` of those logits must give `infer`'s actions (the reference checks
+itself). The inputs are random batches with missing modalities, padding and action logs of every
+shape (none, executed actions, a `<noop>` turn), plus real samples of the synthetic cabin world,
+follow-up turns with a non-empty action log among them.
 
 Tolerances (stated in every report):
   float32 (PyTorch mirror, ONNX fp32): every float output max |a - b| <= 1e-4, and on z0, the
@@ -87,19 +90,23 @@ class JaxReference:
         self.trainable, self.frozen = jax.tree.map(f32, trainable), jax.tree.map(f32, frozen)
         model = VLACabin(cfg32.model)
 
+        constrained = bool(cfg32.model.dnfm.constrained_decode)
+
         def intermediates(module, batch):
             enc = module.encode(batch)
-            context, z0, _ = module.context(batch, enc["mean"], enc["mask"])
+            context, z0, _, memory, memory_mask = module.context(batch, enc["mean"], enc["mask"])
             velocities = []
 
             def velocity(x, t):  # records each step's velocity; the sampler itself is unchanged
-                v = module.dnfm(x, t)
+                v = module.dnfm(x, t, memory=memory, memory_mask=memory_mask)
                 velocities.append(v)
                 return v
 
             x1 = dnfm.euler_sample(velocity, z0, steps)
+            logits = module.dnfm.logits(x1)
             return {"z0": z0, "velocities": jnp.stack(velocities, axis=1), "x1": x1,
-                    "action_logits": module.dnfm.logits(x1), "context": context}
+                    "action_logits": logits, "context": context,
+                    "decoded_actions": dnfm.decode_tokens(logits, constrained)}
 
         params = functional.merge_params(self.trainable, self.frozen)
         self._intermediates = jax.jit(lambda p, b: model.apply({"params": p}, b, method=intermediates))
@@ -125,7 +132,9 @@ class JaxReference:
 def random_batch(cfg: Any, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Random model inputs with the situations inference meets: every modality present (sample 0),
     no speech (1), no video and padded text (2), padded mel and frames (3), no text at all (4),
-    no state (5), then alternating. Values cover the input ranges (frames in [0, 1])."""
+    no state (5), then alternating. Values cover the input ranges (frames in [0, 1]). The earlier
+    turn's action log cycles over an executed log (sample 0: device ids, `<eos>`, `<pad>`, with
+    before-ids under the executed ones), a `<noop>` turn (1) and no earlier turn (2: all `<pad>`)."""
     from vlacabin_jax.data.spec import batch_spec
 
     rng = np.random.default_rng(seed)
@@ -163,11 +172,43 @@ def random_batch(cfg: Any, batch_size: int, seed: int) -> dict[str, np.ndarray]:
             b["modality_mask"][i, 1] = False
         elif case == 5:
             b["modality_mask"][i, 3] = False
+    _random_history(b, rng, m.action_len, m.dnfm.vocab_size)
     return b
 
 
+def _random_history(b: dict, rng: np.random.Generator, action_len: int, vocab: int) -> None:
+    """Fill `history_actions` / `history_before` in place, in the layout of `spec.batch_spec`."""
+    from vlacabin_jax.data.actions import EOS_ID, NOOP_ID, PAD_ID
+
+    b["history_actions"][:] = PAD_ID
+    b["history_before"][:] = PAD_ID
+    for i in range(len(b["history_actions"])):
+        kind = i % 3
+        if kind == 0 and action_len > 1:  # executed: 1 .. action_len - 1 device tokens, then <eos>
+            n = int(rng.integers(1, action_len))
+            b["history_actions"][i, :n] = rng.integers(NOOP_ID + 1, vocab, size=n)
+            b["history_actions"][i, n] = EOS_ID
+            b["history_before"][i, :n] = rng.integers(NOOP_ID + 1, vocab, size=n)
+        elif kind == 1 and action_len > 1:  # the earlier turn did nothing
+            b["history_actions"][i, :2] = (NOOP_ID, EOS_ID)
+            b["history_before"][i, 0] = NOOP_ID
+
+
+# What the VLA rows of `world_batch` hold in turn: a follow-up whose earlier turn executed device
+# actions (a non-empty action log), the plain next sample, a follow-up to a turn that did nothing.
+_WORLD_VLA_LOGS = ("executed", "any", "noop")
+_WORLD_SEARCH = 100  # VLA row i searches indices [i * _WORLD_SEARCH, ...) for its kind of log
+
+
+def _log_kind(log: list) -> str:
+    return "none" if not log else ("noop" if log[0][0] == "<noop>" else "executed")
+
+
 def world_batch(cfg: Any, count: int, seed: int = 20250101) -> dict[str, np.ndarray]:
-    """`count` real samples of the synthetic cabin world (all four kinds, VLA first), featurized."""
+    """`count` real samples of the synthetic cabin world (all four kinds, VLA first), featurized.
+
+    The VLA rows cycle over `_WORLD_VLA_LOGS`, so the batch always holds follow-up turns with a
+    non-empty action log (`history_actions`), the input the bridge's action-log tokens read."""
     from vlacabin_jax.data import features, world
     from vlacabin_jax.data.actions import ActionVocabulary
     from vlacabin_jax.data.spec import KINDS
@@ -175,10 +216,18 @@ def world_batch(cfg: Any, count: int, seed: int = 20250101) -> dict[str, np.ndar
     tokenizer = features.load_tokenizer(cfg.data.get("tokenizer") or None)
     vocab = ActionVocabulary()
     kinds = ("vla",) * 2 + KINDS  # VLA turns are what the car sees most
-    rows = []
+    shape = (cfg.model.vit.image_size, cfg.data.num_frames, cfg.model.speech.n_mels, cfg.data.mel_frames)
+    rows, vla_rows = [], 0
     for i in range(count):
-        sample = world.generate(seed, i, kinds[i % len(kinds)], cfg.model.vit.image_size, cfg.data.num_frames,
-                                cfg.model.speech.n_mels, cfg.data.mel_frames)
+        kind = kinds[i % len(kinds)]
+        sample = world.generate(seed, i, kind, *shape)
+        if kind == "vla":
+            want = _WORLD_VLA_LOGS[vla_rows % len(_WORLD_VLA_LOGS)]
+            vla_rows += 1
+            index = i * _WORLD_SEARCH
+            while want != "any" and _log_kind(sample["history_actions"]) != want:
+                sample = world.generate(seed, index, kind, *shape)
+                index += 1
         rows.append(features.featurize(sample, cfg, tokenizer, vocab))
     return {k: np.stack([r[k] for r in rows]) for k in INPUT_NAMES}
 
@@ -291,9 +340,10 @@ def verify(reference: JaxReference, mirror, onnx_files: Mapping[str, str], batch
     ref = reference(batch) if reference_outputs is None else reference_outputs
     checks: dict[str, Any] = {}
     # JAX against itself: the intermediates path must give infer's tokens (guards the reference).
-    self_tokens = np.argmax(ref["action_logits"], axis=-1)
+    self_tokens = ref["decoded_actions"] if "decoded_actions" in ref else np.argmax(ref["action_logits"], axis=-1)
     checks["jax_self_consistency"] = {"pass": bool(np.array_equal(self_tokens, ref["action_tokens"])),
-                                      "note": "argmax of the recorded x1 logits equals functional.infer's actions"}
+                                      "note": "dnfm.decode_tokens of the recorded x1 logits equals "
+                                              "functional.infer's actions"}
     checks[f"torch_fp32_batch{size}"] = compare(ref, run_torch(mirror, batch), FP32)
     latency = {}
     for precision, path in onnx_files.items():

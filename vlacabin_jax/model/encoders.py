@@ -36,6 +36,7 @@ class GaussianHead(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora: LoRA = LoRA()
+    logvar_init: float = 0.0  # initial log-variance (the bias of the logvar layer)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -43,7 +44,8 @@ class GaussianHead(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
         mean = layers.Dense(self.features, ("embed", "latent"), name="mean", **kw, **self.lora.dense("mean"))(x)
         logvar = layers.Dense(self.features, ("embed", "latent"), name="logvar",
-                              kernel_init=nn.initializers.zeros_init(), **kw, **self.lora.dense("logvar"))(x)
+                              kernel_init=nn.initializers.zeros_init(),
+                              bias_init=nn.initializers.constant(self.logvar_init), **kw, **self.lora.dense("logvar"))(x)
         return mean.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), -10.0, 10.0)
 
 
@@ -112,7 +114,8 @@ class _Common(nn.Module):
             name=name)
 
     def _gaussian(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return GaussianHead(self.cfg.latent.d_latent, lora=self._lora(), name="gaussian", **self._kw())(x)
+        return GaussianHead(self.cfg.latent.d_latent, lora=self._lora(), logvar_init=self.cfg.latent.init_logvar,
+                            name="gaussian", **self._kw())(x)
 
     def _pool(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         return AttentionPool(self.cfg.latent.tokens_per_modality, self.cfg.encoder.heads, name="pool",
@@ -170,34 +173,66 @@ class TextEncoder(_Common):
 
 
 class VideoEncoder(_Common):
-    """Per-frame ViT features [b, f, d_vit] → temporal transformer → Gaussian segment tokens."""
+    """Frozen ViT features → temporal transformer → Gaussian tokens.
+
+    `model.video.patch_tokens = False`: per-frame features [b, f, d_vit] (patches averaged) and
+    `tokens_per_modality` time segments. True: patch features [b, f, p, d_vit] stay apart (a
+    learned patch position plus the frame's time position), one transformer attends over all
+    frames × patches, and `tokens_per_modality` learned queries pool them: which seat holds a
+    child or a sleeper lives in where the patch is, and awake or asleep in how it moves.
+    """
 
     @nn.compact
     def __call__(self, frame_features: jax.Array, frame_mask: jax.Array):
         e = self.cfg.encoder
         x = self._proj(frame_features, "vit_embed")
-        x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
-        x = self._encoder("temporal")(x, layers.attention_mask(None, frame_mask, causal=False))
+        if not self.cfg.video.patch_tokens:
+            x = x + layers.sinusoidal(jnp.arange(x.shape[1]), e.width).astype(self.dtype)
+            x = self._encoder("temporal")(x, layers.attention_mask(None, frame_mask, causal=False))
+            x = layers.LayerNorm(name="ln", **self._kw())(x)
+            pooled, token_mask = segment_pool(x, frame_mask, self.cfg.latent.tokens_per_modality)
+            mean, logvar = self._gaussian(pooled)
+            return mean, logvar, token_mask
+        b, f, p, w = x.shape
+        patch_pos = self.param("patch_position_embedding", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
+                               (p, w), self.param_dtype)
+        x = (x + layers.sinusoidal(jnp.arange(f), w).astype(self.dtype)[None, :, None]
+             + patch_pos.astype(self.dtype)[None, None])
+        mask = jnp.repeat(frame_mask, p, axis=1)
+        x = self._encoder("temporal")(x.reshape(b, f * p, w), layers.attention_mask(None, mask, causal=False))
         x = layers.LayerNorm(name="ln", **self._kw())(x)
-        pooled, token_mask = segment_pool(x, frame_mask, self.cfg.latent.tokens_per_modality)
-        mean, logvar = self._gaussian(pooled)
-        return mean, logvar, token_mask
+        mean, logvar = self._gaussian(self._pool(x, mask))
+        return mean, logvar, jnp.broadcast_to(frame_mask.any(-1, keepdims=True), mean.shape[:2])
 
 
 class StateEncoder(_Common):
-    """Numeric [b, n_num] and categorical [b, n_cat] state fields → Gaussian tokens."""
+    """Numeric [b, n_num] and categorical [b, n_cat] state fields → Gaussian tokens.
+
+    Each field is one token: a categorical embedding, or a numeric value mapped per field either
+    affinely (`model.state.numeric_fourier = 0`) or from its Fourier features sin/cos(π 2^k x),
+    k < numeric_fourier, which set integer device levels (13 temperatures, 11 volumes, ...)
+    apart by a margin an affine map of one scalar cannot give. `model.state.field_tokens`: every
+    field token becomes a Gaussian latent token (the head reads exact levels field by field);
+    otherwise `tokens_per_modality` attention-pooled tokens.
+    """
 
     @nn.compact
     def __call__(self, numeric: jax.Array, categorical: jax.Array):
-        e = self.cfg.encoder
-        sizes = tuple(self.cfg.state.categorical_sizes)
+        e, sc = self.cfg.encoder, self.cfg.state
+        sizes = tuple(sc.categorical_sizes)
         n_num = numeric.shape[-1]
-        # One token per field: a per-field affine map of the value, or a categorical embedding.
-        scale = self.param("numeric_scale", layers.logical(nn.initializers.normal(1.0), (None, "embed")),
-                           (n_num, e.width), self.param_dtype)
         shift = self.param("numeric_shift", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
                            (n_num, e.width), self.param_dtype)
-        num_tokens = numeric[..., None].astype(self.dtype) * scale.astype(self.dtype) + shift.astype(self.dtype)
+        value = numeric[..., None].astype(jnp.float32)
+        if sc.numeric_fourier:
+            angles = value * (jnp.pi * 2.0 ** jnp.arange(sc.numeric_fourier, dtype=jnp.float32))
+            value = jnp.concatenate([value, jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        # One map per field, [n_num, n_features, width]: value (and its Fourier features) → token.
+        scale = self.param("numeric_scale", layers.logical(nn.initializers.normal(1.0 / value.shape[-1] ** 0.5),
+                                                           (None, None, "embed")),
+                           (n_num, value.shape[-1], e.width), self.param_dtype)
+        num_tokens = (jnp.einsum("bnf,nfw->bnw", value.astype(self.dtype), scale.astype(self.dtype))
+                      + shift.astype(self.dtype))
         offsets = jnp.cumsum(jnp.array((0,) + sizes[:-1], jnp.int32))
         table = nn.Embed(sum(sizes), e.width, dtype=self.dtype, param_dtype=self.param_dtype, name="categorical",
                          embedding_init=layers.logical(nn.initializers.normal(0.02), ("state_vocab", "embed")))
@@ -205,8 +240,9 @@ class StateEncoder(_Common):
         x = jnp.concatenate([num_tokens, cat_tokens], axis=1)
         h = layers.LayerNorm(name="ln_mlp", **self._kw())(x)
         x = x + layers.Mlp(e.mlp_dim, "gelu", lora=self._lora(), name="mlp", **self._kw())(h)
-        pooled = self._pool(x, jnp.ones(x.shape[:2], jnp.bool_))
-        mean, logvar = self._gaussian(pooled)
+        if not sc.field_tokens:
+            x = self._pool(x, jnp.ones(x.shape[:2], jnp.bool_))
+        mean, logvar = self._gaussian(x)
         return mean, logvar, jnp.ones(mean.shape[:2], jnp.bool_)
 
 

@@ -26,14 +26,15 @@ class DecoderBlock(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, self_mask: jax.Array, context: jax.Array) -> tuple[jax.Array, None]:
-        """x: [b, l, w]; self_mask: [b, 1, l, l]; context: [b, n, w]."""
+    def __call__(self, x: jax.Array, self_mask: jax.Array, context: jax.Array,
+                 context_mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """x: [b, l, w]; self_mask: [b, 1, l, l]; context: [b, n, w]; context_mask: [b, 1, 1, n] or None."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(qkv_bias=True, out_bias=True, implementation=self.attention_impl, **kw)
         h = layers.LayerNorm(name="ln_self", **kw)(x)
         x = x + layers.Attention(self.num_heads, self.head_dim, name="self_attn", **attn)(h, self_mask)
         h = layers.LayerNorm(name="ln_cross", **kw)(x)
-        x = x + layers.Attention(self.num_heads, self.head_dim, name="cross_attn", **attn)(h, None, context=context)
+        x = x + layers.Attention(self.num_heads, self.head_dim, name="cross_attn", **attn)(h, context_mask, context=context)
         h = layers.LayerNorm(name="ln_mlp", **kw)(x)
         return x + layers.Mlp(self.mlp_dim, "gelu", name="mlp", **kw)(h), None
 
@@ -41,8 +42,9 @@ class DecoderBlock(nn.Module):
 class ExplanationHead(nn.Module):
     """Causal decoder over the text vocabulary.
 
-    `__call__(tokens [b, l] int32, context [b, n, w]) -> logits [b, l, vocab]` (float32);
-    position i predicts token i + 1. Output projection tied to the token embedding.
+    `__call__(tokens [b, l] int32, context [b, n, w], context_mask [b, n] or None) -> logits
+    [b, l, vocab]` (float32); position i predicts token i + 1. Output projection tied to the token
+    embedding. (Also the autoregressive action head, `ar_head.py`, over the action vocabulary.)
     """
 
     cfg: ml_collections.ConfigDict  # the full `model` config
@@ -50,7 +52,7 @@ class ExplanationHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, context: jax.Array, context_mask: jax.Array | None = None) -> jax.Array:
         e = self.cfg.explain
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed = nn.Embed(e.vocab_size, e.width, name="token_embedding", **kw,
@@ -64,7 +66,8 @@ class ExplanationHead(nn.Module):
             DecoderBlock, e.depth, scan=self.cfg.scan_layers, remat=self.cfg.remat and self.cfg.remat_policy,
             block_kwargs=dict(num_heads=e.heads, head_dim=e.width // e.heads, mlp_dim=e.mlp_dim,
                               attention_impl=self.cfg.attention_impl or None, **kw),
-            name="decoder")(x, layers.attention_mask(None, valid, causal=True), ctx)
+            name="decoder")(x, layers.attention_mask(None, valid, causal=True), ctx,
+                            None if context_mask is None else layers.attention_mask(None, context_mask, causal=False))
         x = layers.LayerNorm(name="ln_out", **kw)(x)
         return embed.attend(x).astype(jnp.float32)
 

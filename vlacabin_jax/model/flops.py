@@ -4,14 +4,15 @@ Conventions: a matmul of [m, k] by [k, n] is 2·m·k·n FLOPs forward. Backward:
   trainable layer: 2× forward (gradients for its input and its weights);
   frozen LM: 1× forward for its matmuls (input gradients only: the trainable latent tokens,
     tags and queries sit before and inside its input) and 2× for attention (no weights there);
-  frozen ViT: none (its input, the frames, needs no gradient).
+  frozen ViT: none (its input, the frames, needs no gradient);
+  an anchor that trains (`train.trainable = "all_and_anchor"`): 2× forward like any trainable layer.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from vlacabin_jax.data.spec import MODALITIES
+from vlacabin_jax.model.vla_cabin import latent_counts
 
 
 def _dense(tokens: float, d_in: float, d_out: float) -> float:
@@ -37,6 +38,7 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
     m, d = cfg.model, cfg.data
     vit, lm, enc = m.vit, m.lm, m.encoder
     n_tok = m.latent.tokens_per_modality
+    n_speech, n_text, n_video, n_state = latent_counts(m)
     dl, w, mw = m.latent.d_latent, enc.width, enc.mlp_dim
     train_dense = train_attn = 0.0
 
@@ -53,26 +55,32 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
     t2, t4 = -(-d.mel_frames // 2), -(-d.mel_frames // 4)
     add((_dense(t2, 3 * m.speech.n_mels, w) + _dense(t4, 3 * w, w), 0.0))
     add(_encoder_stack(t4, w, mw, enc.depth))
-    add((gaussian(n_tok, w, dl), 0.0))
+    add((gaussian(n_speech, w, dl), 0.0))
     # Text: projection of frozen embeddings, encoder, attention pooling, Gaussian head.
     add((_dense(d.text_len, lm.width, w), 0.0))
     add(_encoder_stack(d.text_len, w, mw, enc.depth))
-    add(pool(n_tok, d.text_len, w))
-    add((gaussian(n_tok, w, dl), 0.0))
-    # Video: per-frame projection, temporal encoder, Gaussian head.
-    add((_dense(d.num_frames, vit.width, w), 0.0))
-    add(_encoder_stack(d.num_frames, w, mw, enc.depth))
-    add((gaussian(n_tok, w, dl), 0.0))
-    # State: one MLP token per field, attention pooling, Gaussian head.
+    add(pool(n_text, d.text_len, w))
+    add((gaussian(n_text, w, dl), 0.0))
+    # Video: projection of per-frame (or per-patch) features, temporal encoder, Gaussian head.
+    patches = (vit.image_size // vit.patch_size) ** 2
+    frames = d.num_frames * (patches if m.video.patch_tokens else 1)
+    add((_dense(frames, vit.width, w), 0.0))
+    add(_encoder_stack(frames, w, mw, enc.depth))
+    if m.video.patch_tokens:
+        add(pool(n_video, frames, w))
+    add((gaussian(n_video, w, dl), 0.0))
+    # State: one MLP token per field (numeric ones from 1 + 2F features), pooled unless
+    # field_tokens, Gaussian head.
     n_fields = m.state.numeric_dim + len(m.state.categorical_sizes)
-    add((_dense(n_fields, w, 2 * mw), 0.0))
-    add(pool(n_tok, n_fields, w))
-    add((gaussian(n_tok, w, dl), 0.0))
+    add((_dense(m.state.numeric_dim, 1 + 2 * m.state.numeric_fourier, w) + _dense(n_fields, w, 2 * mw), 0.0))
+    if not m.state.field_tokens:
+        add(pool(n_state, n_fields, w))
+    add((gaussian(n_state, w, dl), 0.0))
 
-    # Bridge into the frozen LM.
-    n_latent = len(MODALITIES) * n_tok
+    # Bridge into the LM: latent, tag, action-log (action_len), text and query tokens.
+    n_latent = n_speech + n_text + n_video + n_state
     add((_dense(n_latent, dl, lm.width), 0.0))
-    seq = n_latent + m.bridge.n_constraint_tags + d.text_len + m.bridge.n_queries
+    seq = n_latent + m.bridge.n_constraint_tags + m.action_len + d.text_len + m.bridge.n_queries
     q_dim, kv_dim = lm.heads * lm.head_dim, lm.kv_heads * lm.head_dim
     lm_dense = lm.depth * (_dense(seq, lm.width, q_dim + 2 * kv_dim) + _dense(seq, q_dim, lm.width)
                            + _dense(seq, lm.width, 3 * lm.mlp_dim))
@@ -81,7 +89,7 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
     # Connector and variational head.
     c, nq, la = m.bridge.connector, m.bridge.n_queries, m.action_len
     read = seq if m.bridge.connector_reads == "all" else nq  # LM positions the connector attends over
-    add((_dense(read, lm.width, c.width), 0.0))
+    add(((1 + m.bridge.connector_skip) * _dense(read, lm.width, c.width), 0.0))
     add(_encoder_stack(read, c.width, c.mlp_dim, c.depth))
     add((_dense(la, nq, c.width) + gaussian(la, c.width, m.dnfm.d_action), 0.0))
 
@@ -91,8 +99,15 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
                 + f.depth * _dense(1, f.width, 6 * f.width) + _dense(1, f.width, 2 * f.width)
                 + _dense(la, f.width, f.d_action))
     stack_dense, stack_attn = _encoder_stack(la, f.width, f.mlp_dim, f.depth)
+    if f.cross_attention:  # q / out on the action positions, k / v on the connector memory
+        stack_dense += f.depth * (_dense(la, f.width, 2 * f.width) + _dense(read, c.width, 2 * f.width))
+        stack_attn += f.depth * _attention(la, read, f.width)
     add((2 * (per_eval + stack_dense), 2 * stack_attn))
     add((3 * _dense(la, f.d_action, f.vocab_size), 0.0))
+    if m.action_head == "autoregressive":  # the ladder's baseline head, teacher-forced
+        add((f.depth * (_dense(la, f.width, 6 * f.width) + _dense(read, c.width, 2 * f.width)
+                        + _dense(la, f.width, 2 * f.mlp_dim)) + _dense(la, f.width, f.vocab_size),
+             f.depth * (_attention(la, la, f.width) + _attention(la, read, f.width))))
 
     # Explanation head (teacher forcing on explain_len - 1 positions).
     e, le = m.explain, m.explain_len - 1
@@ -103,10 +118,11 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
     add((_dense(le, e.width, e.vocab_size), 0.0))
 
     # Frozen ViT, forward only.
-    patches = (vit.image_size // vit.patch_size) ** 2
     vit_fwd = d.num_frames * (
         _dense(patches, 3 * vit.patch_size ** 2, vit.width)
         + vit.depth * (_dense(patches, vit.width, 4 * vit.width) + _dense(patches, vit.width, 2 * vit.mlp_dim)
                        + _attention(patches, patches, vit.width)))
 
+    if cfg.train.trainable == "all_and_anchor":  # the anchor trains: its backward is 2× forward too
+        return 3.0 * (train_dense + train_attn + lm_dense + lm_attn + vit_fwd)
     return 3.0 * (train_dense + train_attn) + (2.0 * lm_dense + 3.0 * lm_attn) + vit_fwd

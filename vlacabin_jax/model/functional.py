@@ -35,13 +35,15 @@ def build_model(cfg: ml_collections.ConfigDict) -> VLACabin:
 
 def is_trainable(path: tuple[str, ...], trainable: str) -> bool:
     """Whether the param at `path` (tuple of dict keys) gets gradients under `train.trainable`."""
+    if trainable == "all_and_anchor":
+        return True
     if path[0] in ANCHOR_KEYS:
         return False
     if trainable == "all":
         return True
     if trainable == "lora_and_heads":
         return path[0] in HEAD_KEYS or lora.is_adapter(path)
-    raise ValueError(f"train.trainable = {trainable!r}: use 'all' or 'lora_and_heads'")
+    raise ValueError(f"train.trainable = {trainable!r}: use 'all', 'all_and_anchor' or 'lora_and_heads'")
 
 
 def _partition(tree: Mapping, keep: Callable[[tuple], bool], prefix: tuple = ()) -> tuple[dict, dict]:
@@ -76,7 +78,7 @@ def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
     return out
 
 
-def cast_anchor(frozen: Mapping, dtype: Any) -> dict:
+def cast_anchor(frozen: Mapping, dtype: Any) -> dict:  # any param group (frozen, or trainable with the anchor)
     """`frozen` with the anchor groups (`vit`, `lm`) cast to `dtype` (boxed leaves stay boxed);
     other frozen params (encoder base weights under LoRA) keep `model.param_dtype`."""
     return {k: jax.tree.map(lambda x: x.astype(dtype), v) if k in ANCHOR_KEYS else v for k, v in frozen.items()}
@@ -102,7 +104,10 @@ def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, batch_size: int 
         rngs = dict(zip(names, jax.random.split(rng, len(names))))
         return build_model(cfg).init(rngs, batch)["params"]
 
-    return split_params(init(rng), cfg)
+    trainable, frozen = split_params(init(rng), cfg)
+    # An anchor that trains (train.trainable = "all_and_anchor") keeps fp32 master weights like
+    # every other trainable param; `model.anchor_dtype` is the storage of a frozen anchor.
+    return cast_anchor(trainable, jnp.dtype(cfg.model.param_dtype)), frozen
 
 
 def loss_fn(params: dict, frozen: dict, batch: dict, rngs: dict, cfg: ml_collections.ConfigDict,

@@ -47,6 +47,7 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
     lora_rank: int = 0
     lora_scale: float = 1.0
 
@@ -61,7 +62,7 @@ class Dense(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=logical(self.kernel_init, self.kernel_axes),
-            bias_init=logical(nn.initializers.zeros_init(), out_axes),
+            bias_init=logical(self.bias_init, out_axes),
             name="dense",
         )(x)
         if self.lora_rank > 0:

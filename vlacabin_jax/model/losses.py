@@ -82,7 +82,7 @@ def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step) -> 
     has_actions = batch["has_actions"]
     kl_z0 = masked_mean(gaussian_kl(out["z0_mean"], out["z0_logvar"]).mean(-1), has_actions)
     kl_scale = lc.kl_weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / max(lc.kl_warmup_steps, 1))
-    nce, nce_rows = infonce(out["pooled"], out["latent_mask"].any(-1), lc.infonce_temperature)
+    nce, nce_rows = infonce(out["pooled"], out["latent_present"], lc.infonce_temperature)
 
     recon = out["recon"]
     has_state, has_speech, has_video = (present[:, idx[m]] for m in ("state", "speech", "video"))
@@ -119,7 +119,10 @@ def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step) -> 
     expl_mask = batch["explanation_mask"][:, 1:]
     explanation = masked_mean(cross_entropy(out["explanation_logits"], expl_targets), expl_mask)
 
-    loss = (kl_scale * (kl_latent + kl_z0) + lc.infonce_weight * nce + lc.recon_weight * recon_loss
+    # The autoregressive action head (model.action_head; the ladder's baseline), teacher-forced.
+    ar = masked_mean(cross_entropy(out["ar_logits"], tokens), per_sample) if "ar_logits" in out else 0.0
+
+    loss = (lc.autoregressive_weight * ar + kl_scale * (kl_latent + kl_z0) + lc.infonce_weight * nce + lc.recon_weight * recon_loss
             + lc.velocity_weight * velocity + lc.endpoint_weight * endpoint + lc.source_weight * source
             + lc.path_weight * path + lc.explanation_weight * explanation)
 
@@ -140,6 +143,9 @@ def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step) -> 
         "explanation_acc": acc(out["explanation_logits"], expl_targets, expl_mask),
         "codebook_min_distance": min_pairwise_distance(out["codebook"]),
     }
+    if "ar_logits" in out:
+        metrics.update(zip(("ar_ce", "ar_action_acc", "ar_sequence_acc"),
+                           (ar,) + action_accuracies(out["ar_logits"], tokens, has_actions)))
     metrics.update(zip(("endpoint_action_acc", "endpoint_sequence_acc"),
                        action_accuracies(out["endpoint_logits"], tokens, has_actions)))
     return loss, metrics

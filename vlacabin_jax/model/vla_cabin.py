@@ -8,13 +8,16 @@ the frozen anchor (no gradient, no optimizer state, stored in `anchor_dtype`) in
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlacabin_jax.data.actions import PAD_ID
 from vlacabin_jax.data.spec import MODALITIES
-from vlacabin_jax.model import bridge, dnfm, encoders, explain
+from vlacabin_jax.model import ar_head, bridge, dnfm, encoders, explain
 from vlacabin_jax.model.lm import DecoderLM
 from vlacabin_jax.model.vit import VisionTransformer
 
@@ -53,63 +56,78 @@ class VLACabin(nn.Module):
         self.connector = bridge.Connector(c, **kw)
         self.dnfm = dnfm.DNFM(c, **kw)
         self.explanation = explain.ExplanationHead(c, **kw)
+        if c.action_head == "autoregressive":
+            self.action_decoder = ar_head.ActionDecoder(c, **kw)
 
     # ----------------------------------------------------------------------------- perception
     def frame_features(self, frames: jax.Array) -> jax.Array:
-        """frames [b, f, h, w, 3] in [0, 1] → frozen ViT features [b, f, patches, d_vit]."""
+        """frames [b, f, h, w, 3] in [0, 1] → ViT features [b, f, patches, d_vit].
+
+        No stop_gradient here: a frozen anchor gets none through `functional.loss_fn` (its tree
+        enters under stop_gradient), an anchor that trains (`train.trainable = "all_and_anchor"`)
+        needs them."""
         b, f = frames.shape[:2]
         pixels = frames.reshape((b * f,) + frames.shape[2:]).astype(_dtype(self.cfg.dtype)) * 2.0 - 1.0
-        feats = jax.lax.stop_gradient(self.vit(pixels))
+        feats = self.vit(pixels)
         return feats.reshape((b, f) + feats.shape[1:])
 
     def encode(self, batch: dict) -> dict:
-        """Gaussian latent tokens of every modality.
+        """Gaussian latent tokens of every modality, on one token axis in `MODALITIES` order
+        (`latent_layout` says which modality and slot each token is).
 
-        Returns {"mean", "logvar": [b, n_modalities, n_tokens, d_latent] float32,
-                 "mask": [b, n_modalities, n_tokens] bool (present modality and valid segment),
-                 "visual_target": [b, d_vit] float32 (mean frozen ViT feature, for reconstruction)}.
+        Returns {"mean", "logvar": [b, n_latent, d_latent] float32,
+                 "mask": [b, n_latent] bool (present modality and valid segment),
+                 "present": [b, n_modalities] bool (the modality has a valid token),
+                 "visual_target": [b, d_vit] float32 (mean ViT feature, for reconstruction)}.
         """
-        text_emb = jax.lax.stop_gradient(self.lm.embed(batch["text_tokens"]))
+        text_emb = self.lm.embed(batch["text_tokens"])
         patch_feats = self.frame_features(batch["frames"])
         per_frame = patch_feats.mean(axis=2)
         outs = {
             "speech": self.speech_encoder(batch["mel"], batch["mel_mask"]),
             "text": self.text_encoder(text_emb, batch["text_mask"]),
-            "video": self.video_encoder(per_frame, batch["frame_mask"]),
+            "video": self.video_encoder(patch_feats if self.cfg.video.patch_tokens else per_frame,
+                                        batch["frame_mask"]),
             "state": self.state_encoder(batch["state_numeric"], batch["state_categorical"]),
         }
-        mean = jnp.stack([outs[m][0] for m in MODALITIES], axis=1)
-        logvar = jnp.stack([outs[m][1] for m in MODALITIES], axis=1)
-        mask = jnp.stack([outs[m][2] for m in MODALITIES], axis=1) & batch["modality_mask"][:, :, None]
+        modality_ids, _ = latent_layout(self.cfg)
+        mean = jnp.concatenate([outs[m][0] for m in MODALITIES], axis=1)
+        logvar = jnp.concatenate([outs[m][1] for m in MODALITIES], axis=1)
+        mask = jnp.concatenate([outs[m][2] for m in MODALITIES], axis=1) & batch["modality_mask"][:, modality_ids]
         fm = batch["frame_mask"].astype(jnp.float32)[:, :, None]
         visual_target = (per_frame.astype(jnp.float32) * fm).sum(1) / jnp.maximum(fm.sum(1), 1.0)
-        return {"mean": mean, "logvar": logvar, "mask": mask, "visual_target": visual_target}
+        present = jnp.stack([mask[:, lo:hi].any(-1) for lo, hi in _spans(self.cfg)], axis=1)
+        return {"mean": mean, "logvar": logvar, "mask": mask, "present": present,
+                "visual_target": jax.lax.stop_gradient(visual_target)}
 
     # ----------------------------------------------------------------------------- bridge
     def context(self, batch: dict, latents: jax.Array, latent_mask: jax.Array):
         """Run the MetaQuery bridge.
 
         Args:
-          latents: [b, n_modalities, n_tokens, d_latent]; latent_mask: [b, n_modalities, n_tokens].
+          latents: [b, n_latent, d_latent]; latent_mask: [b, n_latent].
         Returns:
-          (context [b, n_queries, width], z0 mean, z0 logvar [b, action_len, d_action]).
+          (context [b, n_queries, width], z0 mean, z0 logvar [b, action_len, d_action],
+           memory [b, l, width] and memory_mask [b, l]: every connector output the DNFM's
+           cross-attention reads (`model.dnfm.cross_attention`)).
         """
-        b, n_mod, n_tok, d = latents.shape
-        modality_ids = jnp.repeat(jnp.arange(n_mod), n_tok)
-        slots = jnp.tile(jnp.arange(n_tok), n_mod)
-        latent_tokens, tag_tokens = self.bridge_inputs(latents.reshape(b, n_mod * n_tok, d), modality_ids,
-                                                       slots, batch["constraint_tags"])
+        b = latents.shape[0]
+        modality_ids, slots = (jnp.asarray(x, jnp.int32) for x in latent_layout(self.cfg))
+        latent_tokens, tag_tokens, log_tokens = self.bridge_inputs(
+            latents, modality_ids, slots, batch["constraint_tags"], batch["history_actions"], batch["history_before"])
         text = self.lm.embed(batch["text_tokens"])
         queries = self.queries(b, text.dtype)
-        seq = jnp.concatenate([latent_tokens.astype(text.dtype), tag_tokens.astype(text.dtype), text, queries], 1)
-        mask = jnp.concatenate([latent_mask.reshape(b, -1), batch["constraint_tags"], batch["text_mask"],
-                                jnp.ones(queries.shape[:2], jnp.bool_)], axis=1)
+        seq = jnp.concatenate([x.astype(text.dtype) for x in (latent_tokens, tag_tokens, log_tokens)] + [text, queries], 1)
+        mask = jnp.concatenate([latent_mask, batch["constraint_tags"], batch["history_actions"] != PAD_ID,
+                                batch["text_mask"], jnp.ones(queries.shape[:2], jnp.bool_)], axis=1)
         # Masked slots take no position, so the queries sit right after the last real token.
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
         hidden = self.lm(seq, mask, positions)
         if self.cfg.bridge.connector_reads == "queries":
-            hidden, mask = hidden[:, -queries.shape[1]:], mask[:, -queries.shape[1]:]
-        return self.connector(hidden, mask)
+            n = queries.shape[1]
+            hidden, mask, seq = hidden[:, -n:], mask[:, -n:], seq[:, -n:]
+        context, z0_mean, z0_logvar, memory = self.connector(hidden, mask, seq)
+        return context, z0_mean, z0_logvar, memory, mask
 
     # ----------------------------------------------------------------------------- training
     def train_outputs(self, batch: dict, t_source_fraction: float, t_beta: float,
@@ -123,9 +141,10 @@ class VLACabin(nn.Module):
         enc = self.encode(batch)
         eps = jax.random.normal(self.make_rng("latent"), enc["mean"].shape)
         latents = enc["mean"] + jnp.exp(0.5 * enc["logvar"]) * eps
-        pooled = _pooled_means(enc["mean"], enc["mask"])
+        pooled = pooled_means(self.cfg, enc["mean"], enc["mask"])
         recon = self.reconstruction({m: pooled[:, i] for i, m in enumerate(MODALITIES)})
-        context, z0_mean, z0_logvar = self.context(batch, latents, enc["mask"])
+        context, z0_mean, z0_logvar, memory, memory_mask = self.context(batch, latents, enc["mask"])
+        velocity = functools.partial(self.dnfm, memory=memory, memory_mask=memory_mask)
         z0 = z0_mean + jnp.exp(0.5 * z0_logvar) * jax.random.normal(self.make_rng("latent"), z0_mean.shape)
 
         codebook = self.dnfm.codebook()
@@ -139,14 +158,14 @@ class VLACabin(nn.Module):
         t = jnp.where(jax.random.uniform(k_src, (b,)) < t_source_fraction, 0.0, t_beta_draw)
         tb = t[:, None, None]
         x_t = (1.0 - tb) * z0 + tb * x1
-        v = self.dnfm(x_t, t)
+        v = velocity(x_t, t)
         x1_hat = x_t + (1.0 - tb) * v
         # Path consistency on the model's own path: one Euler step of a K-step sampler
         # (K in {2, 4, 8}) from x_t, then decode the endpoint from where the model landed.
         dt = jnp.minimum(jnp.array([0.5, 0.25, 0.125])[jax.random.randint(k_step, (b,), 0, 3)], 1.0 - t)
         x_next = x_t + dt[:, None, None] * jax.lax.stop_gradient(v)
         t_next = t + dt
-        v_next = self.dnfm(x_next, t_next)
+        v_next = velocity(x_next, t_next)
         x1_hat_next = x_next + (1.0 - t_next)[:, None, None] * v_next
         # Velocity from the model's own point straight to the target; undefined at t = 1.
         remaining = (1.0 - t_next)[:, None, None]
@@ -156,9 +175,10 @@ class VLACabin(nn.Module):
         extra = {}
         if with_rejected:
             x1_l = codebook[batch["rejected_tokens"]]
-            extra = {"x1_rejected": x1_l, "velocity_rejected": self.dnfm((1.0 - tb) * z0 + tb * x1_l, t)}
+            extra = {"x1_rejected": x1_l, "velocity_rejected": velocity((1.0 - tb) * z0 + tb * x1_l, t)}
         return extra | {
             "latent_mean": enc["mean"], "latent_logvar": enc["logvar"], "latent_mask": enc["mask"],
+            "latent_present": enc["present"],
             "pooled": pooled, "recon": recon, "visual_target": enc["visual_target"],
             "z0_mean": z0_mean, "z0_logvar": z0_logvar,
             "z0": z0, "t": t, "x1": x1,
@@ -170,17 +190,23 @@ class VLACabin(nn.Module):
             "path_endpoint_gap": jnp.mean(jnp.square(x1_hat_next - jax.lax.stop_gradient(x1_hat)), axis=(1, 2)),
             "codebook": codebook,
             "explanation_logits": self.explanation(expl[:, :-1], context),
-        }
+        } | ({"ar_logits": self.action_decoder(ar_head.teacher_inputs(batch["action_tokens"]), memory, memory_mask)}
+             if self.cfg.action_head == "autoregressive" else {})
 
     # ----------------------------------------------------------------------------- inference
     def infer(self, batch: dict, steps: int) -> tuple[jax.Array, jax.Array]:
         """Deterministic inference (latent and z0 means): (action tokens [b, action_len],
         explanation tokens [b, explain_len]) int32."""
         enc = self.encode(batch)
-        context, z0_mean, _ = self.context(batch, enc["mean"], enc["mask"])
-        x1 = dnfm.euler_sample(self.dnfm, z0_mean, steps)
-        actions = jnp.argmax(self.dnfm.logits(x1), axis=-1).astype(jnp.int32)
+        context, z0_mean, _, memory, memory_mask = self.context(batch, enc["mean"], enc["mask"])
         c = self.cfg
+        if c.action_head == "autoregressive":
+            actions = ar_head.greedy_actions(lambda tok: self.action_decoder(tok, memory, memory_mask),
+                                             z0_mean.shape[0], c.action_len)
+        else:
+            velocity = functools.partial(self.dnfm, memory=memory, memory_mask=memory_mask)
+            x1 = dnfm.euler_sample(velocity, z0_mean, steps)
+            actions = dnfm.decode_tokens(self.dnfm.logits(x1), c.dnfm.constrained_decode)
         expl = explain.greedy_decode(lambda tok: self.explanation(tok, context), z0_mean.shape[0],
                                      c.explain_len, c.text_bos_id, c.text_eos_id, c.text_pad_id)
         return actions, expl
@@ -195,17 +221,44 @@ class VLACabin(nn.Module):
         enc = self.encode(batch)
         k_lat, k_z0 = jax.random.split(self.make_rng("latent"))
         latents = enc["mean"] + noise_scale * jnp.exp(0.5 * enc["logvar"]) * jax.random.normal(k_lat, enc["mean"].shape)
-        _, z0_mean, z0_logvar = self.context(batch, latents, enc["mask"])
+        _, z0_mean, z0_logvar, memory, memory_mask = self.context(batch, latents, enc["mask"])
         z0 = z0_mean + noise_scale * jnp.exp(0.5 * z0_logvar) * jax.random.normal(k_z0, z0_mean.shape)
-        x1 = dnfm.euler_sample(self.dnfm, z0, steps)
-        return jnp.argmax(self.dnfm.logits(x1), axis=-1).astype(jnp.int32)
+        velocity = functools.partial(self.dnfm, memory=memory, memory_mask=memory_mask)
+        x1 = dnfm.euler_sample(velocity, z0, steps)
+        return dnfm.decode_tokens(self.dnfm.logits(x1), self.cfg.dnfm.constrained_decode)
 
     def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         """Initialisation entry point: touches every submodule (training path)."""
         return self.train_outputs(batch, 0.5, 3.0)["endpoint_logits"], self.infer(batch, 1)[1]
 
 
-def _pooled_means(mean: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked mean over latent tokens: [b, m, n, d], [b, m, n] → [b, m, d]."""
-    w = mask.astype(jnp.float32)[..., None]
-    return (mean * w).sum(2) / jnp.maximum(w.sum(2), 1.0)
+def latent_counts(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Latent tokens per modality, in `MODALITIES` order (`cfg` is the `model` config)."""
+    n = cfg.latent.tokens_per_modality
+    state = cfg.state.numeric_dim + len(cfg.state.categorical_sizes) if cfg.state.field_tokens else n
+    counts = {"speech": n, "text": n, "video": n, "state": state}
+    return tuple(counts[m] for m in MODALITIES)
+
+
+def latent_layout(cfg: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(modality id, slot within the modality) of every latent token, as static tuples."""
+    counts = latent_counts(cfg)
+    ids = tuple(i for i, n in enumerate(counts) for _ in range(n))
+    slots = tuple(j for n in counts for j in range(n))
+    return ids, slots
+
+
+def _spans(cfg: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """[lo, hi) of each modality's tokens on the latent axis."""
+    counts = latent_counts(cfg)
+    ends = [sum(counts[:i + 1]) for i in range(len(counts))]
+    return [(e - n, e) for e, n in zip(ends, counts)]
+
+
+def pooled_means(cfg: ml_collections.ConfigDict, mean: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean of each modality's latent tokens: [b, n_latent, d], [b, n_latent] → [b, n_modalities, d]."""
+    out = []
+    for lo, hi in _spans(cfg):
+        w = mask[:, lo:hi].astype(jnp.float32)[..., None]
+        out.append((mean[:, lo:hi] * w).sum(1) / jnp.maximum(w.sum(1), 1.0))
+    return jnp.stack(out, axis=1)

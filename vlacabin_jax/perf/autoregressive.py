@@ -8,16 +8,16 @@
 One "decision" is the action tokens of one request: the backbone (modality encoders, frozen ViT,
 bridge through the frozen LM, connector: `VLACabin.encode` + `VLACabin.context`) and then either
 DNFM's K Euler steps from z0 (K = 1, 2, 4, 8) plus the codebook argmax, or an autoregressive
-decode of `action_len` tokens, one at a time, greedy. The head is `explain.ExplanationHead` sized
-like the DNFM (width, depth, heads, MLP), over the action vocabulary, cross-attending to the
-connector context; each step re-runs it on the fixed-size token buffer (no KV cache, as
-`explain.greedy_decode`: at <= 16 tokens and batch 1 a step is bound by latency, not FLOPs).
-Its weights are random: only its timing matters. The explanation text, the same for both, is
+decode of `action_len` tokens, one at a time, greedy under the action grammar: the head of
+`model/ar_head.py` (sized like the DNFM, cross-attending to the connector memory the DNFM reads;
+each step re-runs it on the fixed-size token buffer, no KV cache). Its weights are random here:
+only its timing matters (the quality ladder trains it: `tools.quality_ladder`). The explanation text, the same for both, is
 not part of a decision here.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable
@@ -27,68 +27,51 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlacabin_jax.model import dnfm, explain
+from vlacabin_jax.model import ar_head, dnfm
+from vlacabin_jax.model.ar_head import ar_model_config  # noqa: F401  (re-exported: the head's config)
 from vlacabin_jax.model.functional import build_model, merge_params
 from vlacabin_jax.model.vla_cabin import VLACabin
 
-START_ID = 0  # the action vocabulary has no <bos>; <pad> starts the buffer
-NEVER = -1  # no early stop: every decision decodes all action_len tokens (a fixed latency)
-
-
-def ar_model_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`model` config whose `explain` section is a causal head the size of the DNFM over the
-    action vocabulary, `action_len + 1` positions (start token + actions)."""
-    c = ml_collections.ConfigDict(model_cfg.to_dict())
-    d = model_cfg.dnfm
-    c.explain = ml_collections.ConfigDict(dict(width=d.width, depth=d.depth, heads=d.heads, mlp_dim=d.mlp_dim,
-                                               vocab_size=d.vocab_size))
-    c.explain_len = model_cfg.action_len + 1
-    return c
-
-
-def _head(cfg: ml_collections.ConfigDict) -> explain.ExplanationHead:
-    return explain.ExplanationHead(ar_model_config(cfg.model), dtype=jnp.dtype(cfg.model.dtype))
-
-
 def init_ar_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-    """Random params of the autoregressive head (unboxed)."""
+    """Random params of the autoregressive head (unboxed); they do not depend on the memory length."""
     m = cfg.model
-    tokens = jnp.zeros((1, m.action_len + 1), jnp.int32)
-    context = jnp.zeros((1, m.bridge.n_queries, m.bridge.connector.width), jnp.dtype(m.dtype))
-    return nn.unbox(_head(cfg).init(rng, tokens, context)["params"])
+    tokens = jnp.zeros((1, m.action_len), jnp.int32)
+    memory = jnp.zeros((1, 1, m.bridge.connector.width), jnp.dtype(m.dtype))
+    head = ar_head.ActionDecoder(m, dtype=jnp.dtype(m.dtype))
+    return nn.unbox(head.init(rng, tokens, memory, jnp.ones((1, 1), jnp.bool_))["params"])
 
 
-def _backbone(module: VLACabin, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(connector context [b, q, w], z0 mean [b, action_len, d_action]) from the latent means."""
+def _backbone(module: VLACabin, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(z0 mean [b, action_len, d_action], connector memory [b, l, w], its mask [b, l])."""
     enc = module.encode(batch)
-    context, z0, _ = module.context(batch, enc["mean"], enc["mask"])
-    return context, z0
+    _, z0, _, memory, memory_mask = module.context(batch, enc["mean"], enc["mask"])
+    return z0, memory, memory_mask
 
 
 def decision_functions(cfg: ml_collections.ConfigDict, steps: tuple[int, ...] = (1, 2, 4, 8)
                        ) -> dict[str, Callable]:
     """{"backbone", "dnfm_K<k>" per k, "autoregressive"}: jitted fns (params, frozen, ar_params,
     batch) → action tokens [b, action_len] int32 (the backbone returns z0)."""
-    model, head, m = build_model(cfg), _head(cfg), cfg.model
+    model, m = build_model(cfg), cfg.model
+    head = ar_head.ActionDecoder(m, dtype=jnp.dtype(m.dtype))
 
     def apply(fn):
         return lambda params, frozen, batch: model.apply({"params": merge_params(params, frozen)}, batch, method=fn)
 
     def dnfm_fn(k):
         def decide(module, batch):
-            _, z0 = _backbone(module, batch)
-            x1 = dnfm.euler_sample(module.dnfm, z0, k)
-            return jnp.argmax(module.dnfm.logits(x1), axis=-1).astype(jnp.int32)
+            z0, memory, memory_mask = _backbone(module, batch)
+            x1 = dnfm.euler_sample(functools.partial(module.dnfm, memory=memory, memory_mask=memory_mask), z0, k)
+            return dnfm.decode_tokens(module.dnfm.logits(x1), m.dnfm.constrained_decode)
         return decide
 
     def backbone_only(params, frozen, ar_params, batch):
-        return apply(lambda module, b: _backbone(module, b)[1])(params, frozen, batch)
+        return apply(lambda module, b: _backbone(module, b)[0])(params, frozen, batch)
 
     def autoregressive(params, frozen, ar_params, batch):
-        context = apply(lambda module, b: _backbone(module, b)[0])(params, frozen, batch)
-        logits_fn = lambda tokens: head.apply({"params": ar_params}, tokens, context)  # noqa: E731
-        tokens = explain.greedy_decode(logits_fn, context.shape[0], m.action_len + 1, START_ID, NEVER, START_ID)
-        return tokens[:, 1:]
+        _, memory, memory_mask = apply(_backbone)(params, frozen, batch)
+        logits_fn = lambda tokens: head.apply({"params": ar_params}, tokens, memory, memory_mask)  # noqa: E731
+        return ar_head.greedy_actions(logits_fn, memory.shape[0], m.action_len)
 
     def dnfm_decision(k):
         decide = apply(dnfm_fn(k))

@@ -68,17 +68,23 @@ class MirrorTrainer(nn.Module):
         model_inputs = {k: inputs[k] for k in ("text_tokens", "text_mask", "mel", "mel_mask", "frames", "frame_mask",
                                                "state_numeric", "state_categorical", "modality_mask")}
         means, mask = mm.encode(**model_inputs)
-        context, z0 = mm.context(means, mask, inputs["text_tokens"], inputs["text_mask"], inputs["constraint_tags"])
+        context, z0, memory, memory_mask = mm.context(means, mask, inputs["text_tokens"], inputs["text_mask"],
+                                                      inputs["constraint_tags"], inputs["history_actions"],
+                                                      inputs["history_before"])
         tokens, t, dt = inputs["action_tokens"], inputs["t"], inputs["dt"]
         dnfm = mm.dnfm
+        # The DNFM's cross-attention (`model.dnfm.cross_attention`) reads the connector memory;
+        # its keys/values are projected once for both velocity evaluations, as in `mm.sample`.
+        kv = dnfm.memory_kv(memory, mm.memory_length) if dnfm.cross_attention else None
+        velocity = lambda x, time: dnfm(x, time, kv, memory_mask if kv is not None else None)  # noqa: E731
         x1 = dnfm.codebook()[tokens.long()]
         tb = t[:, None, None]
         x_t = (1.0 - tb) * z0 + tb * x1
-        v = dnfm(x_t, t)
+        v = velocity(x_t, t)
         x1_hat = x_t + (1.0 - tb) * v
         x_next = x_t + dt[:, None, None] * v.detach()
         t_next = t + dt
-        v_next = dnfm(x_next, t_next)
+        v_next = velocity(x_next, t_next)
         remaining = (1.0 - t_next)[:, None, None]
         x1_hat_next = x_next + remaining * v_next
         v_next_target = (x1 - x_next) / remaining.clamp_min(1e-3)
@@ -120,8 +126,8 @@ def inputs_from_batch(batch: Mapping[str, Any], seed: int = 0) -> dict[str, Tens
     """Torch inputs from a host batch of the JAX data contract (the same rows both frameworks
     train on) plus flow times drawn like `training_inputs`."""
     keys = ("text_tokens", "text_mask", "mel", "mel_mask", "frames", "frame_mask", "state_numeric",
-            "state_categorical", "modality_mask", "constraint_tags", "action_tokens", "explanation_tokens",
-            "explanation_mask")
+            "state_categorical", "modality_mask", "constraint_tags", "history_actions", "history_before",
+            "action_tokens", "explanation_tokens", "explanation_mask")
     inputs = {k: torch.as_tensor(batch[k]) for k in keys}
     b = inputs["text_tokens"].shape[0]
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,0 +1,68 @@
+"""The quality ladder: train rungs on the same data, seed and steps; print and write their heldout
+simulator success (overall, per request group, per K), exact match and invalid-sequence rate.
+
+    python -m tools.quality_ladder --config configs/stages/sft.py:tiny --steps 1500 --out runs/ladder
+        [--rungs features,seed,full,...] [--num-samples 1000] [--curve-every 250] [--config.a.b=v ...]
+
+Rungs (`vlacabin_jax.eval.ladder.RUNGS`): `features` (a plain MLP over the featurized batch, not
+the model), `seed` (the architecture before the route fixes), `seed+<fix>` (one fix alone),
+`full` (every fix), `full_ar` (an autoregressive head on full's backbone). Writes
+`<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.quality_ladder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/stages/sft.py:tiny", help="path.py:variant")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps of every rung")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--rungs", default="", help="comma-separated rung names (default: all)")
+    parser.add_argument("--num-samples", type=int, default=1000, help="heldout VLA turns scored per rung")
+    parser.add_argument("--ks", default="1,2,4,8", help="DNFM sampler steps K to score")
+    parser.add_argument("--curve-every", type=int, default=0, help="score the learning curve every N steps (0: off)")
+    parser.add_argument("--curve-samples", type=int, default=200, help="heldout turns per curve point")
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if not r.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config fields are --config.<section>.<field>=value)")
+    if args.steps <= 0 or args.num_samples <= 0:
+        parser.error("--steps and --num-samples must be positive")
+
+    from vlacabin_jax.config import ConfigError, load_config
+    from vlacabin_jax.eval import ladder
+
+    names = [n for n in args.rungs.split(",") if n] or list(ladder.RUNGS)
+    unknown = [n for n in names if n not in ladder.RUNGS]
+    if unknown:
+        parser.error(f"--rungs: unknown rung {unknown[0]!r}; rungs: {', '.join(ladder.RUNGS)}")
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+        if not all(1 <= k <= 8 for k in ks):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--ks {args.ks!r}: comma-separated sampler steps in 1..8")
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = ladder.run_ladder(cfg, names, args.steps, args.num_samples, ks, args.curve_every, args.curve_samples)
+    result["config"] = args.config
+    result["overrides"] = rest
+    print(ladder.table(result))
+    (args.out / "ladder.json").write_text(json.dumps(result, indent=1))
+    ladder.plot(result, str(args.out / "ladder.png"))
+    print(f"wrote {args.out / 'ladder.json'} and {args.out / 'ladder.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
