@@ -49,9 +49,7 @@ Exit status: 0 ok, 2 on a bad argument, path, log line or record (one line on st
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -74,31 +72,13 @@ class BuildError(ValueError):
 
 
 def load_config(spec: str, overrides: list[str] = ()):
-    """Loads `path.py:variant` and applies `--config.a.b=value` overrides (values parsed as Python
-    literals, else kept as strings)."""
-    path, _, variant = spec.partition(":")
-    if not Path(path).is_file():
-        raise BuildError(f"--config: no such file {path}")
-    mod_spec = importlib.util.spec_from_file_location("_vlacabin_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    cfg = module.get_config(variant) if variant else module.get_config()
-    for item in overrides:
-        key, eq, text = item.removeprefix("--config.").partition("=")
-        if not eq:
-            raise BuildError(f"override {item!r} must look like --config.a.b=value")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise BuildError(f"override {item!r}: no config field {key}")
-        node[leaf] = value
-    return cfg
+    """Loads `path.py:variant` with `--config.a.b=value` overrides (`vlacabin_jax.config.load_config`)."""
+    from vlacabin_jax.config import ConfigError, load_config as _load
+
+    try:
+        return _load(spec, overrides)
+    except ConfigError as e:
+        raise BuildError(str(e).removeprefix("--config: ")) from e
 
 
 # ---------------------------------------------------------------- real-log media

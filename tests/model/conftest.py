@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from configs.vla_cabin import get_config
+from vlacabin_jax.data.actions import EOS_ID, PAD_ID
 from vlacabin_jax.data.spec import batch_spec
 
 
@@ -25,7 +26,15 @@ def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     batch["state_categorical"] = np.stack(
         [rng.integers(0, n, size=batch_size) for n in m.state.categorical_sizes], -1).astype(np.int32)
     batch["constraint_tags"] = rng.uniform(size=batch["constraint_tags"].shape) < 0.3
-    batch["action_tokens"] = rng.integers(3, m.dnfm.vocab_size, size=batch["action_tokens"].shape).astype(np.int32)
+    # Well-formed targets (device tokens, <eos>, <pad>): the decode obeys the action grammar.
+    tokens = rng.integers(3, m.dnfm.vocab_size, size=batch["action_tokens"].shape).astype(np.int32)
+    length = rng.integers(1, m.action_len, size=(batch_size, 1))
+    pos = np.arange(m.action_len)[None]
+    batch["action_tokens"] = np.where(pos < length, tokens, np.where(pos == length, EOS_ID, PAD_ID)).astype(np.int32)
+    # An action log on every other row (what an earlier turn executed and the values it replaced).
+    logged = (np.arange(batch_size)[:, None] % 2 == 0) & (pos < 2)
+    batch["history_actions"] = np.where(logged, rng.integers(3, m.dnfm.vocab_size, size=tokens.shape), 0).astype(np.int32)
+    batch["history_before"] = np.where(logged, rng.integers(3, m.dnfm.vocab_size, size=tokens.shape), 0).astype(np.int32)
     batch["explanation_tokens"] = rng.integers(5, m.lm.vocab_size, size=batch["explanation_tokens"].shape).astype(np.int32)
     batch["explanation_tokens"][:, 0] = m.text_bos_id
     batch["kind"][:] = 0

@@ -47,7 +47,10 @@ def test_reference_errors_equal_the_policy_errors_of_the_same_params(tiny_cfg):
     b, length, d = 2, cfg.model.action_len, cfg.model.dnfm.d_action
     module = DNFM(cfg.model, dtype=jnp.dtype(cfg.model.dtype))
     x = jnp.zeros((b, length, d))
-    params = jax.jit(module.init)(jax.random.key(0), x, jnp.zeros((b,)))["params"]
+    # The policy's connector outputs, which a cross-attending DNFM reads (tiny's does).
+    memory = jax.random.normal(jax.random.key(3), (b, 5, cfg.model.bridge.connector.width))
+    memory_mask = jnp.array([[True] * 5, [True] * 3 + [False] * 2])
+    params = jax.jit(module.init)(jax.random.key(0), x, jnp.zeros((b,)), memory, memory_mask)["params"]
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
     z0 = jax.random.normal(jax.random.key(2), (b, length, d))
     t = jnp.array([0.0, 0.4])
@@ -60,10 +63,11 @@ def test_reference_errors_equal_the_policy_errors_of_the_same_params(tiny_cfg):
 
         def policy(tokens):
             x1 = codebook[tokens]
-            v = module.apply({"params": params}, (1 - t[:, None, None]) * z0 + t[:, None, None] * x1, t)
+            v = module.apply({"params": params}, (1 - t[:, None, None]) * z0 + t[:, None, None] * x1, t,
+                             memory, memory_mask)
             return dpo.sequence_velocity_error(v, z0, x1)
 
-        return (policy(w), policy(l)) + dpo.reference_errors({"dnfm": params}, cfg, z0, t, w, l)
+        return (policy(w), policy(l)) + dpo.reference_errors({"dnfm": params}, cfg, z0, t, w, l, memory, memory_mask)
 
     policy_w, policy_l, ref_w, ref_l = errors(params)
     np.testing.assert_allclose(np.asarray(policy_w), np.asarray(ref_w), rtol=1e-5)

@@ -1,6 +1,7 @@
 """The full model: every loss term, masking of missing modalities, gradients, inference."""
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,12 +25,19 @@ def model(tiny_cfg):
     return trainable, frozen, grad_fn
 
 
-def test_params_split_and_dtypes(model, tiny_cfg):
-    trainable, frozen, _ = model
-    assert set(frozen) == {"vit", "lm"}
-    assert not {"vit", "lm"} & set(trainable)
-    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(tiny_cfg.model.anchor_dtype)}
-    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(tiny_cfg.model.param_dtype)}
+@pytest.mark.parametrize("mode", ["all", "all_and_anchor"])
+def test_params_split_and_dtypes(tiny_cfg, mode):
+    cfg = ml_collections.ConfigDict(tiny_cfg.to_dict())
+    cfg.train.trainable = mode
+    trainable, frozen = jax.eval_shape(lambda: F.init_params(cfg, jax.random.key(0)))
+    trainable, frozen = nn.unbox(trainable), nn.unbox(frozen)
+    anchor = {"vit", "lm"}
+    if mode == "all":  # the frozen anchor, stored in anchor_dtype
+        assert set(frozen) == anchor and not anchor & set(trainable)
+        assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(cfg.model.anchor_dtype)}
+    else:  # an anchor that learns: fp32 master weights like the rest
+        assert frozen == {} and anchor <= set(trainable)
+    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(cfg.model.param_dtype)}
 
 
 def test_every_loss_term_is_reported_and_finite(model, tiny_cfg):

@@ -25,7 +25,9 @@ STEPS = 80
 # The config of every run, as command-line overrides (the subprocess tests use them verbatim).
 OVERRIDES = {"model.dtype": "float32", "train.steps": STEPS, "train.global_batch_size": 16,
              "train.log_every": 1, "train.eval_every": 0, "optim.warmup_steps": 10,
-             "train.log_sample_ids": True}
+             "train.log_sample_ids": True,
+             # The frozen-anchor layout: loop.train refuses tiny's learning anchor across processes.
+             "train.trainable": "all"}
 
 
 def config(mesh=(8, 1, 1), **extra):

@@ -82,3 +82,18 @@ def test_nan_batch_rolls_back_and_is_skipped(reference, tmp_path):
     with pytest.raises(loop.TrainingError, match="non-finite loss at step 7 .data batch 6."):
         loop.train(cfg, tmp_path / "nan_strict")
     assert ckpt_lib.read_metadata(tmp_path / "nan_strict" / "checkpoints")["step"] == 4
+
+
+def test_a_learning_anchor_is_refused_across_processes(monkeypatch, tmp_path):
+    """Known gap: a resumed multi-process run with train.trainable=all_and_anchor aborted in gloo;
+    the trainer refuses it with one line before it writes anything."""
+    from configs.vla_cabin import get_config
+    from vlacabin_jax.config import ConfigError
+    from vlacabin_jax.train import loop
+
+    cfg = get_config("tiny")
+    assert cfg.train.trainable == "all_and_anchor"
+    monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="not supported across processes yet; use --config.train.trainable=all"):
+        loop.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -28,6 +28,7 @@ def _cfg(mesh=(2, 2, 2)):
 @pytest.fixture(scope="module")
 def real():
     cfg = _cfg()
+    cfg.train.trainable = "all"  # the frozen-anchor layout (tiny's own anchor trains by default)
     mesh = sharding.make_mesh(cfg.mesh)
     state, shardings = state_lib.create_train_state(cfg, mesh)
     return cfg, mesh, state, shardings

@@ -75,7 +75,8 @@ def dpo_terms(policy_w: jax.Array, policy_l: jax.Array, ref_w: jax.Array, ref_l:
 
 
 def reference_errors(reference: dict, cfg: ml_collections.ConfigDict, z0: jax.Array, t: jax.Array,
-                     chosen: jax.Array, rejected: jax.Array) -> tuple[jax.Array, jax.Array]:
+                     chosen: jax.Array, rejected: jax.Array, memory: jax.Array | None = None,
+                     memory_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-sequence velocity errors of the frozen reference DNFM on both sides of each pair.
 
     Args:
@@ -83,6 +84,8 @@ def reference_errors(reference: dict, cfg: ml_collections.ConfigDict, z0: jax.Ar
       cfg: the full config (`model` is read).
       z0: [b, l, d] the policy's source sample (treated as a constant); t: [b] times.
       chosen, rejected: [b, l] action token ids.
+      memory, memory_mask: [b, m, w], [b, m] the policy's connector outputs (a constant), which
+        the DNFM's cross-attention reads (`model.dnfm.cross_attention`; None otherwise).
     Returns:
       (err_chosen [b], err_rejected [b]), no gradient.
     """
@@ -90,12 +93,12 @@ def reference_errors(reference: dict, cfg: ml_collections.ConfigDict, z0: jax.Ar
     module = DNFM(m, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
     variables = {"params": jax.lax.stop_gradient(reference["dnfm"])}
     codebook = module.apply(variables, method=DNFM.codebook)
-    z0 = jax.lax.stop_gradient(z0)
+    z0, memory = jax.lax.stop_gradient((z0, memory))
     tb = t[:, None, None]
     errors = []
     for tokens in (chosen, rejected):
         x1 = codebook[tokens]
-        v = module.apply(variables, (1.0 - tb) * z0 + tb * x1, t)
+        v = module.apply(variables, (1.0 - tb) * z0 + tb * x1, t, memory, memory_mask)
         errors.append(sequence_velocity_error(v, z0, x1))
     return errors[0], errors[1]
 
@@ -110,5 +113,5 @@ def preference_loss(out: dict, batch: dict, reference: dict, cfg: ml_collections
     policy_w = sequence_velocity_error(out["velocity"], out["z0"], out["x1"])
     policy_l = sequence_velocity_error(out["velocity_rejected"], out["z0"], out["x1_rejected"])
     ref_w, ref_l = reference_errors(reference, cfg, out["z0"], out["t"], batch["action_tokens"],
-                                    batch["rejected_tokens"])
+                                    batch["rejected_tokens"], out["memory"], out["memory_mask"])
     return dpo_terms(policy_w, policy_l, ref_w, ref_l, float(cfg.loss.dpo_beta), batch["has_pair"])

@@ -181,7 +181,7 @@ class VLACabin(nn.Module):
             "latent_present": enc["present"],
             "pooled": pooled, "recon": recon, "visual_target": enc["visual_target"],
             "z0_mean": z0_mean, "z0_logvar": z0_logvar,
-            "z0": z0, "t": t, "x1": x1,
+            "z0": z0, "t": t, "x1": x1, "memory": memory, "memory_mask": memory_mask,
             "velocity": v, "velocity_target": x1 - z0,
             "velocity_next": v_next, "velocity_next_target": v_next_target, "t_next": t_next,
             "endpoint_logits": self.dnfm.logits(x1_hat),

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from vlacabin_jax import sharding
-from vlacabin_jax.config import config_to_json_dict, validate
+from vlacabin_jax.config import ConfigError, config_to_json_dict, validate
 from vlacabin_jax.data import pipeline
 from vlacabin_jax.eval import evaluate as cabin_eval
 from vlacabin_jax.eval import report as cabin_report
@@ -225,6 +225,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop: StopFlag
     """
     goodput = Goodput()
     validate(cfg)
+    if jax.process_count() > 1 and cfg.train.trainable == "all_and_anchor":
+        # A resumed 2-process run of this layout (empty frozen tree) aborted in gloo with a
+        # collective mismatch; refused until that is understood rather than crash mid-run.
+        raise ConfigError("train.trainable = 'all_and_anchor' is not supported across processes yet; "
+                          "use --config.train.trainable=all (frozen anchor) or one process")
     workdir = prepare_workdir(workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     mesh_shape = dict(mesh.shape)

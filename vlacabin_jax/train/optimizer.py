@@ -18,10 +18,10 @@ import optax
 
 # Leaves that get no weight decay: norm scales/offsets, biases, and every kind of embedding table or
 # learned vector (token/position/modality/tag embeddings, MetaQuery and pooling queries, the action
-# codebook, per-field numeric affine). Decaying those pulls learned lookups toward zero for no
+# codebook, per-field numeric maps, the ViT's position table when the anchor trains). Decaying those pulls learned lookups toward zero for no
 # regularisation benefit; decay is for the matmul kernels.
 _NO_DECAY_LEAVES = ("bias", "scale", "embedding", "queries", "action_codebook", "numeric_shift",
-                    "numeric_scale")
+                    "numeric_scale", "pos_embed")
 
 
 def _path_name(path) -> str:

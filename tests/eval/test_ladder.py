@@ -1,0 +1,75 @@
+"""The quality ladder: rung configs, the score of a policy, the feature baseline end to end, the CLI."""
+import json
+
+import pytest
+
+from configs.stages.sft import get_config
+from tools import quality_ladder
+from vlacabin_jax.data.actions import NOOP
+from vlacabin_jax.eval import evaluate, ladder
+from vlacabin_jax.eval.metrics import Prediction
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return evaluate.eval_samples(get_config("tiny"), 120)
+
+
+def test_rung_configs_set_their_fields_and_leave_the_base_alone():
+    cfg = get_config("tiny")
+    before = cfg.to_dict()
+    seed = ladder.rung_config(cfg, "seed")
+    assert (seed.model.state.field_tokens, seed.model.video.patch_tokens, seed.train.trainable) == (False, False, "all")
+    one = ladder.rung_config(cfg, "seed+state")
+    assert one.model.state.field_tokens and one.model.state.numeric_fourier == 6 and not one.model.video.patch_tokens
+    assert ladder.rung_config(cfg, "full").to_dict() == before  # full is the config as given
+    ar = ladder.rung_config(cfg, "full_ar")
+    assert ar.model.action_head == "autoregressive" and ar.loss.source_weight == 0.0
+    assert cfg.to_dict() == before
+    with pytest.raises(KeyError, match="unknown rung"):
+        ladder.rung_config(cfg, "nope")
+
+
+def test_score_counts_success_exact_match_and_groups(samples):
+    oracle = [Prediction(tuple(s["actions"])) for s in samples]
+    got = ladder.score(oracle, samples)
+    assert got["success_rate"] == got["exact_match"] == 1.0 and got["invalid_rate"] == 0.0
+    noop = ladder.score([Prediction((NOOP,)) for _ in samples], samples)
+    n_noop = sum(tuple(s["actions"]) == (NOOP,) for s in samples)
+    assert noop["per_group"]["noop"]["success_rate"] == 1.0 and noop["per_group"]["noop"]["n"] == n_noop
+    assert noop["per_group"]["single"]["exact_match"] == 0.0
+    assert sum(g["n"] for g in noop["per_group"].values()) == len(samples)
+    broken = ladder.score([Prediction((), error="<eos> before any action")] * len(samples), samples)
+    assert broken["invalid_rate"] == 1.0 and broken["success_rate"] == 0.0
+
+
+def test_feature_rung_trains_and_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "ladder"
+    rc = quality_ladder.main(["--config", "configs/stages/sft.py:tiny", "--steps", "3", "--rungs", "features",
+                              "--num-samples", "16", "--curve-every", "3", "--curve-samples", "8",
+                              "--out", str(out), "--config.train.global_batch_size=8"])
+    assert rc == 0
+    result = json.loads((out / "ladder.json").read_text())
+    (row,) = result["rungs"]
+    assert row["name"] == "features" and row["params"] > 0 and [c["step"] for c in row["curve"]] == [3]
+    assert 0.0 <= row["by_k"]["-"]["success_rate"] <= 1.0 and row["by_k"]["-"]["invalid_rate"] == 0.0
+    assert (out / "ladder.png").stat().st_size > 0
+    assert "features" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "must be positive"),
+    (["--steps", "5", "--rungs", "bogus"], "unknown rung"),
+    (["--steps", "5", "--ks", "9"], "sampler steps in 1..8"),
+    (["--steps", "5", "--typo"], "unrecognized arguments"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        quality_ladder.main(argv + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_config_override_is_one_error_line(tmp_path, capsys):
+    assert quality_ladder.main(["--steps", "5", "--out", str(tmp_path), "--config.model.nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config field model.nope" in err[0]
