@@ -1,9 +1,11 @@
-"""The VLA-Cabin model: frozen anchor (ViT + LM), modality VAE, MetaQuery bridge, DNFM action
-generator and explanation head, as one Flax module with a training and an inference method.
+"""The VLA-Cabin model: anchor (ViT + LM), modality VAE, MetaQuery bridge, DNFM action generator
+(or the ladder's autoregressive head) and explanation head, as one Flax module with a training and
+an inference method.
 
 Params split in two groups (`functional.split_params`, by `train.trainable`): `vit` and `lm` are
-the frozen anchor (no gradient, no optimizer state, stored in `anchor_dtype`) in every mode; with
-"all" everything else trains, with "lora_and_heads" only the LoRA adapters and `HEAD_KEYS` do.
+the anchor, frozen (no gradient, no optimizer state, stored in `anchor_dtype`) except under
+"all_and_anchor", where a random anchor trains with everything else; with "all" everything else
+trains, with "lora_and_heads" only the LoRA adapters and `HEAD_KEYS` do.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from vlacabin_jax.model import ar_head, bridge, dnfm, encoders, explain
 from vlacabin_jax.model.lm import DecoderLM
 from vlacabin_jax.model.vit import VisionTransformer
 
-ANCHOR_KEYS = ("vit", "lm")  # the perception anchor: frozen always, stored in model.anchor_dtype
+ANCHOR_KEYS = ("vit", "lm")  # the perception anchor: frozen (in model.anchor_dtype) unless all_and_anchor
 # The heads that train beside the adapters under train.trainable = "lora_and_heads": everything
 # after the frozen LM (connector with the z0 variational head, DNFM, explanation head). The
 # preference objective acts on the DNFM's flow errors from z0, so these must adapt; the modules that
