@@ -14,8 +14,8 @@ their overrides. The `features` rung is not the model: a plain learner over the 
 (`feature_baseline.py`), the ceiling of what the batch contract carries for a simple learner.
 
 The `seed` rung is the architecture before the route fixes; `seed+<fix>` adds one fix alone
-(`FIXES`: the config fields it sets); `full` is the config as given (the tiny defaults have every
-fix); `full_ar` puts an autoregressive head on `full`'s backbone instead of the DNFM
+(`FIXES`: the config fields it sets); `full` sets every fix (tiny's defaults; set explicitly, as
+the sft stage config freezes the anchor); `full_ar` puts an autoregressive head on `full`'s backbone instead of the DNFM
 (`model/ar_head.py`). The action grammar at decode time (`model.dnfm.constrained_decode`) and
 the earlier turn's action log are in every rung.
 """
@@ -59,6 +59,7 @@ FIXES = {
     "cross_attention": (("model.dnfm.cross_attention", True),),
     "anchor": (("train.trainable", "all_and_anchor"),),
 }
+_ALL = tuple(kv for fix in FIXES.values() for kv in fix)
 _AR = (("model.action_head", "autoregressive"), ("loss.velocity_weight", 0.0), ("loss.endpoint_weight", 0.0),
        ("loss.source_weight", 0.0), ("loss.path_weight", 0.0))
 
@@ -66,8 +67,9 @@ RUNGS: dict[str, Rung] = {
     "features": Rung("plain MLP over the featurized batch (not the model)"),
     "seed": Rung("the seed architecture: no route fix, frozen random anchor", _SEED),
     **{f"seed+{name}": Rung(f"seed + the {name} fix alone", _SEED + fix) for name, fix in FIXES.items()},
-    "full": Rung("every fix (the config as given: the tiny defaults)"),
-    "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM", _AR),
+    "full": Rung("every fix (tiny's defaults; set here, so a stage config that freezes the anchor keeps it learning)",
+                 _ALL),
+    "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM", _ALL + _AR),
 }
 
 
