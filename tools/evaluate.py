@@ -38,13 +38,13 @@ class EvalError(Exception):
 
 
 def load_config(spec: str, overrides: list[str]):
-    """`path.py:variant` plus `--config.a.b=value` overrides (the data tools' own loader)."""
-    from tools.build_dataset import BuildError, load_config as _load
+    """`path.py:variant` plus `--config.a.b=value` overrides (`vlacabin_jax.config.load_config`)."""
+    from vlacabin_jax.config import ConfigError, load_config as _load
 
     try:
         return _load(spec, overrides)
-    except (BuildError, KeyError, ValueError, TypeError) as e:
-        raise EvalError(f"--config: {e}") from e
+    except ConfigError as e:
+        raise EvalError(f"--config: {str(e).removeprefix('--config: ')}") from e
 
 
 # ---------------------------------------------------------------- checkpoints

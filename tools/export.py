@@ -267,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportInputError("give either --checkpoint or --random-init, not both")
         cfg = None
         if args.config:
-            from tools.build_dataset import BuildError, load_config
+            from vlacabin_jax.config import ConfigError, load_config
 
             try:
                 cfg = load_config(args.config, overrides)
-            except (BuildError, KeyError, ValueError, TypeError) as e:
-                raise ExportInputError(f"--config: {e}") from None
+            except ConfigError as e:
+                raise ExportInputError(f"--config: {str(e).removeprefix('--config: ')}") from None
         elif overrides:
             raise ExportInputError("--config.* overrides need --config")
         elif args.random_init:

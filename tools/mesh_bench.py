@@ -79,15 +79,12 @@ def mesh_name(mesh: tuple[int, int, int]) -> str:
 
 def load_config(spec: str, overrides: list[str]):
     """`path.py:variant` with `--config.a.b=value` overrides, validated; BenchError otherwise."""
-    from tools import build_dataset
-    from vlacabin_jax.config import ConfigError, validate
+    from vlacabin_jax.config import ConfigError, load_config as _load
 
     try:
-        cfg = build_dataset.load_config(spec, overrides)
-        validate(cfg)
-    except (build_dataset.BuildError, ConfigError, KeyError, ValueError) as e:
-        raise BenchError(f"--config {spec}: {e}") from None
-    return cfg
+        return _load(spec, overrides)
+    except ConfigError as e:
+        raise BenchError(f"--config {spec}: {str(e).removeprefix('--config: ')}") from None
 
 
 def check_mesh_fits(cfg, mesh: tuple[int, int, int], available: int | None) -> None:

@@ -89,9 +89,8 @@ class FeatureMLP(nn.Module):
 
 
 def _sep_id(cfg) -> int:
-    """The id `features.featurize` puts between turns (the tokenizer's sep, else the model's eos)."""
-    sep = getattr(features.load_tokenizer(cfg.data.tokenizer or None), "sep_token_id", None)
-    return int(sep) if sep is not None else int(cfg.model.text_eos_id)
+    """The id `features.featurize` puts between turns."""
+    return features.sep_id(features.load_tokenizer(cfg.data.tokenizer or None), cfg)
 
 
 def _model(cfg) -> FeatureMLP:
