@@ -11,6 +11,8 @@ DESIGN.md §8. Every comparison is a ratio taken in one run.
     python -m tools.mesh_bench --config configs/vla_cabin.py:tiny --inference --out DIR
     python -m tools.mesh_bench --config configs/vla_cabin.py:tiny --compile-cache --out DIR
     python -m tools.mesh_bench --config configs/vla_cabin.py:base --flops    # MFU analysis, no run
+    python -m tools.mesh_bench --aot a100:16x1x8 --config configs/vla_cabin.py:a100x128 --out DIR
+                                # compiled for absent GPUs / TPU slices: memory, collectives (mesh_bench_aot)
 
 Each mesh runs in its own subprocess (a fresh backend with exactly its device count; on CPU
 `--xla_force_host_platform_device_count`), retried `--retries` times when it fails (XLA:CPU's
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 RESULT_PREFIX = "MESH_BENCH_RESULT "
+DEFAULT_MESHES = "8x1x1,4x2x1,2x2x2,1x8x1"
 # A train worker prints its compiled program's analysis (memory, collectives, compile time) before
 # running it: a mesh whose steps deadlock still reports what XLA compiled for it.
 COMPILED_PREFIX = "MESH_BENCH_COMPILED "
@@ -210,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/vla_cabin.py:tiny", help="config file and variant")
     p.add_argument("--override", action="append", default=[], metavar="--config.a.b=VALUE",
                    help="config overrides (repeatable)")
-    p.add_argument("--meshes", default="8x1x1,4x2x1,2x2x2,1x8x1", help="DATAxFSDPxTENSOR list (sweep)")
+    p.add_argument("--meshes", default=None, help="DATAxFSDPxTENSOR list (sweep default: "
+                   f"{DEFAULT_MESHES}; --aot default: the config's mesh)")
     p.add_argument("--devices", default=None, help="device counts for strong and weak scaling over data")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mesh (after one warm-up)")
     p.add_argument("--out", default="runs/mesh_bench", help="directory for results.json and plots")
@@ -231,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference", action="store_true", help="DNFM K=1,2,4,8 against autoregressive decoding")
     p.add_argument("--compile-cache", action="store_true", help="first vs second start compile times")
     p.add_argument("--flops", action="store_true", help="HLO FLOPs vs analytic, remat on/off (no run)")
+    from tools import mesh_bench_aot  # here, not at the top: it imports this module
+
+    mesh_bench_aot.add_arguments(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--task", default="train", help=argparse.SUPPRESS)
     p.add_argument("--mesh", default="1x1x1", help="mesh of --vs-torch and --compile-cache (default 1x1x1)")
@@ -243,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.worker:
             return worker_main(args)
+        if args.aot:
+            from tools import mesh_bench_aot
+
+            return mesh_bench_aot.run(args)
+        args.meshes = args.meshes or DEFAULT_MESHES
         if args.steps <= 0:
             raise BenchError(f"--steps {args.steps}: must be at least 1")
         from tools import mesh_bench_modes

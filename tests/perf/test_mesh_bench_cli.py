@@ -87,6 +87,8 @@ def test_a_mesh_that_compiles_but_deadlocks_keeps_its_compiled_figures(monkeypat
     import json
     import subprocess
 
+    import matplotlib.pyplot  # noqa: F401 - a cold font cache runs fc-list through the subprocess.run faked below
+
     from tools.mesh_bench_modes import sweep_table
 
     compiled = {"compile_s": 612.0, "compile_cache_hit": False, "memory": {"peak_bytes": 300 * 2**20},

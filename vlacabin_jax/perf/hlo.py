@@ -3,6 +3,7 @@
     collectives(hlo_text)                -> [Collective], one per collective instruction
     bytes_by_kind(colls)                 -> {kind: bytes per step}
     bytes_by_axes(colls, mesh_shape)     -> {(kind, axes): bytes per step}
+    by_channel(colls)                    -> {kind: {ops, executions, bytes}}, one per channel id
     group_axes(groups, mesh_shape)       -> the mesh axes a replica group spans
 
 Convention (per device, per step): the bytes of a collective are the size of its *full* operand,
@@ -34,6 +35,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 _CALLEES = re.compile(r"\b(?:body|calls|to_apply|branch_computations|true_computation|false_computation)="
                       r"(\{[^}]*\}|%?[\w.\-]+)")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
 
@@ -44,6 +46,8 @@ class Collective:
     kind: one of KINDS. bytes: full-operand bytes of one execution (module docstring).
     groups: device groups as partition ids (row-major positions in the mesh), or None if the
       format was not understood. count: executions per step. name: the HLO instruction name.
+    channel_id: XLA's channel id (None if absent); one collective split over several instructions
+      (TPU fusions, async pairs) keeps one id, so unique ids count collectives (`by_channel`).
     """
 
     kind: str
@@ -51,6 +55,7 @@ class Collective:
     groups: tuple[tuple[int, ...], ...] | None
     count: int
     name: str
+    channel_id: int | None = None
 
     @property
     def group_size(self) -> int:
@@ -206,7 +211,31 @@ def collectives(hlo_text: str) -> list[Collective]:
             nbytes = shape_bytes(type_text)
             if kind == "reduce-scatter" and groups:
                 nbytes *= len(groups[0])
-            out.append(Collective(kind, nbytes, groups, times, name))
+            channel = _CHANNEL.search(attrs)
+            out.append(Collective(kind, nbytes, groups, times, name, int(channel.group(1)) if channel else None))
+    return out
+
+
+def by_channel(colls: Iterable[Collective]) -> dict[str, dict[str, float]]:
+    """{kind: {"ops": unique collectives, "executions": per step, "bytes": per step}} over KINDS.
+
+    Instructions that share a (kind, channel id) are one collective: it counts once, with the
+    largest of their byte sizes and execution counts. Groups of one device move nothing and are left
+    out; instructions without a channel id count one each.
+    """
+    merged: dict[tuple, Collective] = {}
+    for i, c in enumerate(colls):
+        if c.group_size == 1:
+            continue
+        key = (c.kind, c.channel_id) if c.channel_id is not None else (c.kind, "inst", i)
+        old = merged.get(key)
+        merged[key] = c if old is None or c.bytes * c.count > old.bytes * old.count else old
+    out = {k: {"ops": 0, "executions": 0, "bytes": 0.0} for k in KINDS}
+    for c in merged.values():
+        row = out[c.kind]
+        row["ops"] += 1
+        row["executions"] += c.count
+        row["bytes"] += c.bytes * c.count
     return out
 
 

@@ -1,0 +1,102 @@
+"""`python -m tools.mesh_bench --aot TARGET[,TARGET] --config PATH:VARIANT [--meshes M,M] --out DIR`:
+the trainer's programs compiled for absent GPUs / TPU slices (`vlacabin_jax.perf.aot`).
+
+    python -m tools.mesh_bench --aot a100:16x1x8 --config configs/vla_cabin.py:a100x128 --out DIR
+    python -m tools.mesh_bench --aot tpu:v5p-128 --config configs/vla_cabin.py:a100x128 --out DIR
+    python -m tools.mesh_bench --aot h100:1x1x8,tpu:v4-8 --config configs/vla_cabin.py:tiny \\
+        --meshes 8x1x1,4x2x1 --programs train_step --out DIR
+
+Prints per target x mesh the train step's bytes per device against the target's memory (fits or
+not), its FLOPs against `model_flops_per_sample`, its collectives by kind (unique channel ids, bytes)
+against the analytic minimum, and each program's compile time; writes `aot.json` and `aot.png`.
+Needs the extras `aot-gpu` / `aot-tpu` (README, Performance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tools.mesh_bench import BenchError, load_config, parse_mesh
+
+GIB = 2**30
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / GIB:.1f}"
+
+
+def row_lines(row: dict) -> list[str]:
+    """The console lines of one aot.json row."""
+    head = f"{row['target']}  mesh {row['mesh']}  ({row['per_device_batch']:g} samples per device)"
+    lines = [head]
+    for name, prog in row["programs"].items():
+        if "error" in prog:
+            lines.append(f"  {name:<10} FAILED after {prog['compile_s']:.0f} s: {prog['error']}")
+            continue
+        m = prog["memory"]
+        lines.append(f"  {name:<10} compile {prog['compile_s']:6.1f} s   GiB/device: args {_gib(m.get('argument_bytes'))}"
+                     f"  out {_gib(m.get('output_bytes'))}  temp {_gib(m.get('temp_bytes'))}"
+                     f"  alias {_gib(m.get('alias_bytes'))}  total {_gib(m.get('total_bytes'))}")
+    verdict = {True: "FITS", False: "DOES NOT FIT", None: "unknown"}[row["fits"]]
+    lines.append(f"  train step {_gib(row['bytes_per_device'])} GiB of {_gib(row['usable_bytes'])} usable "
+                 f"({row['mem_fraction']:.0%} of {_gib(row['device_memory_bytes'])}), headroom "
+                 f"{_gib(row['headroom_bytes'])} GiB: {verdict}")
+    f = row["flops"]
+    if f["hlo_per_device"]:
+        lines.append(f"  FLOPs/device: HLO {f['hlo_per_device']:.3g}, model {f['model_per_device']:.3g} "
+                     f"(HLO/model {f['hlo_over_model']:.2f}; XLA counts a loop body once)")
+    colls = row["programs"].get("train_step", {}).get("collectives", {})
+    for kind, c in colls.items():
+        if c["ops"] or row["analytic_bytes"].get(kind):
+            lines.append(f"  {kind:<19} {c['ops']:4d} ops ({c['executions']} runs) {c['bytes'] / 2**20:10.1f} MiB"
+                         f"  analytic min {row['analytic_bytes'].get(kind, 0.0) / 2**20:10.1f} MiB"
+                         f"  axes {','.join(c['axes']) or '-'}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """The --aot mode: validate everything first (one error line), then compile row by row."""
+    from vlacabin_jax.perf import aot
+
+    try:
+        targets = [aot.parse_target(t) for t in args.aot.split(",") if t.strip()]
+        for target in targets:
+            aot.check_plugin(target)
+        aot.prepare_host()
+        cfg = load_config(args.config, args.override)
+        meshes = [parse_mesh(m) for m in args.meshes.split(",") if m.strip()] if args.meshes else [None]
+        programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+        jobs = [(t, aot.resolve_mesh(cfg, t, m)) for t in targets for m in meshes]
+        out = Path(args.out)
+        rows = []
+        for target in targets:
+            devices = aot.target_devices(target)
+            for t, mesh in jobs:
+                if t is not target:
+                    continue
+                row = aot.compile_row(cfg, target, mesh, programs, devices, keep_hlo=args.save_hlo,
+                                      log=lambda s: print(s, file=sys.stderr, flush=True))
+                if args.save_hlo:
+                    for name, prog in row["programs"].items():
+                        if "hlo" in prog:
+                            path = out / "hlo" / f"{target.name.replace(':', '_')}_{row['mesh']}_{name}.txt"
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            path.write_text(prog.pop("hlo"))
+                rows.append(row)
+                print("\n".join(row_lines(row)), flush=True)
+                aot.write_results(out, rows, args.config)  # after every row: a later crash keeps the earlier
+    except aot.AotError as e:
+        raise BenchError(str(e)) from None
+    print(f"wrote {out / 'aot.json'} and {out / 'aot.png'}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--aot", default=None, metavar="TARGET[,TARGET]", help="compile for absent accelerators: "
+                   "a100:SLICESxHOSTSxGPUS, h100:..., tpu:v5p-N, tpu:v5e-N, tpu:v4-N (no run; --meshes "
+                   "default: the config's mesh)")
+    p.add_argument("--programs", default="init,train_step,infer", help="programs --aot compiles")
+    p.add_argument("--save-hlo", action="store_true", help="--aot: keep each program's optimized HLO in OUT/hlo")
+
