@@ -41,12 +41,12 @@ def row_lines(row: dict) -> list[str]:
                      f"  alias {_gib(m.get('alias_bytes'))}  total {_gib(m.get('total_bytes'))}")
     verdict = {True: "FITS", False: "DOES NOT FIT", None: "unknown"}[row["fits"]]
     lines.append(f"  train step {_gib(row['bytes_per_device'])} GiB of {_gib(row['usable_bytes'])} usable "
-                 f"({row['mem_fraction']:.0%} of {_gib(row['device_memory_bytes'])}), headroom "
-                 f"{_gib(row['headroom_bytes'])} GiB: {verdict}")
+                 f"({row['mem_fraction']:.0%} of {_gib(row['device_memory_bytes'])}); largest program "
+                 f"{row.get('largest_program') or '-'}, headroom {_gib(row['headroom_bytes'])} GiB: {verdict}")
     f = row["flops"]
     if f["hlo_per_device"]:
-        lines.append(f"  FLOPs/device: HLO {f['hlo_per_device']:.3g}, model {f['model_per_device']:.3g} "
-                     f"(HLO/model {f['hlo_over_model']:.2f}; XLA counts a loop body once)")
+        lines.append(f"  FLOPs/device: HLO {f['hlo_per_device']:.3g} ({f.get('hlo_source', 'compiled')}), model "
+                     f"{f['model_per_device']:.3g}: HLO/model {f['hlo_over_model']:.2f} (XLA counts a loop body once)")
     colls = row["programs"].get("train_step", {}).get("collectives", {})
     for kind, c in colls.items():
         if c["ops"] or row["analytic_bytes"].get(kind):

@@ -149,3 +149,31 @@ def test_rows_print_the_verdict_and_write_json_and_png(tmp_path):
     rows = json.loads((tmp_path / "aot.json").read_text())["rows"]
     assert {"target", "mesh", "bytes_per_device", "device_memory_bytes", "fits", "collective_bytes"} <= set(rows[0])
     assert [r["fits"] for r in rows] == [True, False] and (tmp_path / "aot.png").stat().st_size > 0
+
+
+def test_a_tpu_loop_without_known_trip_count_counts_its_condition():
+    """libtpu writes no known_trip_count; the scan's condition `i < 27` gives it."""
+    text = """HloModule m, num_partitions=2
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %c = s32[]{:T(128)} constant(27)
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (q: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %q = (s32[], f32[4]) parameter(0)
+  %x = f32[4]{0} get-tuple-element(%q), index=1
+  %ar = f32[4]{0} all-reduce(%x), channel_id=3, replica_groups={{0,1}}, to_apply=%add
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %t = (s32[], f32[4]) tuple(%j, %ar)
+}
+
+ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %a = (s32[], f32[4]) parameter(0)
+  ROOT %w = (s32[], f32[4]) while(%a), condition=%cond, body=%body
+}
+"""
+    (c,) = hlo.collectives(text)
+    assert (c.count, c.channel_id, c.bytes) == (27, 3, 16.0)

@@ -144,12 +144,29 @@ def _num_devices(hlo_text: str) -> int:
     return int(m.group(1)) if m else 1
 
 
+def condition_trip_count(instructions: Sequence[tuple[str, str, str, str]]) -> int | None:
+    """Trips of a `while` whose condition is `counter < constant(N)` (a scan: counter from 0),
+    else None. `instructions`: the condition computation's (name, type, opcode, attrs)."""
+    constants = {}
+    for name, type_text, opcode, attrs in instructions:
+        m = re.match(r"\s*(-?\d+)\)", attrs)
+        if opcode == "constant" and type_text.startswith(("s32", "s64", "u32")) and m:
+            constants[name] = int(m.group(1))
+    for name, _, opcode, attrs in instructions:
+        if opcode == "compare" and "direction=LT" in attrs:
+            operands = re.findall(r"%([\w.\-]+)", attrs.split(")", 1)[0])
+            if len(operands) == 2 and operands[1] in constants:
+                return constants[operands[1]]
+    return None
+
+
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective of the module (see the module docstring for bytes and counts)."""
     num_devices = _num_devices(hlo_text)
     comps: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)  # name → (inst, type, op, attrs)
     calls: dict[str, list[tuple[str, int]]] = defaultdict(list)  # caller → [(callee, times)]
     entry, current = None, None
+    conditions: list[tuple[str, int, str]] = []  # (caller, index in calls[caller], loop condition)
     for line in hlo_text.splitlines():
         head = _COMPUTATION.match(line)
         if head:
@@ -164,12 +181,21 @@ def collectives(hlo_text: str) -> list[Collective]:
         comps[current].append((inst.group(1), type_text, opcode, attrs))
         trip = _TRIP.search(attrs)
         for target in _CALLEES.findall(attrs):
-            times = int(trip.group(1)) if opcode == "while" and trip and "body=" in attrs and \
-                re.search(r"body=%?" + re.escape(target.lstrip("%")) + r"\b", attrs) else 1
+            is_body = opcode == "while" and "body=" in attrs and \
+                re.search(r"body=%?" + re.escape(target.lstrip("%")) + r"\b", attrs)
+            times = int(trip.group(1)) if is_body and trip else 1
+            if is_body and not trip:  # TPU writes no known_trip_count: read the loop condition later
+                cond = re.search(r"condition=%?([\w.\-]+)", attrs)
+                times = -1 if cond else 1
+                if cond:
+                    conditions.append((current, len(calls[current]), cond.group(1)))
             for callee in re.findall(r"%?([\w.\-]+)", target.strip("{}")):
                 calls[current].append((callee, times))
     if entry is None:
         return []
+    for caller, index, cond in conditions:
+        callee, _ = calls[caller][index]
+        calls[caller][index] = (callee, condition_trip_count(comps.get(cond, [])) or 1)
 
     # Multipliers flow from ENTRY down the call graph in topological order (Kahn), counting only
     # edges from reachable callers, so a callee adds up every call site before it passes its own on.
