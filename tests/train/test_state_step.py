@@ -100,14 +100,22 @@ def test_real_step_donates_state_and_keeps_metrics_on_device():
 
 
 # ---- accumulation and the non-finite guard, on the real step code with a cheap stand-in loss
+# (the real loss_fn under accumulation: tests/train/test_accumulation.py)
 def _toy(monkeypatch, accum: int, batch_size: int = 32):
-    def toy_loss(params, frozen, batch, rngs, cfg, step, reference=None):
+    # A mean over the rows, as (sum, count) like every term of the real loss: divided by the
+    # whole batch's count when the batch is a microbatch (`totals`, see step._grads_and_metrics).
+    def toy_loss(params, frozen, batch, rngs, cfg, step, reference=None, totals=None):
         x = batch["state_numeric"]
         err = x @ params["w"] + params["b"] - x.sum(-1)
-        loss = jnp.mean(err ** 2)
-        return loss, {"loss": loss, "err": jnp.mean(err)}
+        n = err.shape[0] if totals is None else totals["rows"]
+        loss = jnp.sum(err ** 2) / n
+        return loss, {"loss": loss, "err": jnp.sum(err) / n}
+
+    def toy_counts(params, frozen, batch, rngs, cfg, reference=None):
+        return {"rows": jnp.float32(batch["state_numeric"].shape[0])}
 
     monkeypatch.setattr(step_lib.functional, "loss_fn", toy_loss)
+    monkeypatch.setattr(step_lib.functional, "loss_counts", toy_counts)
     cfg = _cfg((8, 1, 1))
     cfg.train.update(grad_accum_steps=accum, global_batch_size=batch_size)
     mesh = sharding.make_mesh(cfg.mesh)

@@ -1,7 +1,8 @@
 """The model's pure-function entry points over (trainable, frozen) param trees.
 
   init_params(cfg, rng)                                  -> (trainable, frozen), boxed with logical axes
-  loss_fn(params, frozen, batch, rngs, cfg, step=0, reference=None) -> (loss, metrics); + DPO with a reference
+  loss_fn(params, frozen, batch, rngs, cfg, step=0, reference=None, totals=None) -> (loss, metrics); + DPO with a reference
+  loss_counts(params, frozen, batch, rngs, cfg, reference=None) -> {term: count}, the `totals` of a batch
   infer(params, frozen, batch, cfg, steps=None)          -> (action_tokens, explanation_tokens)
   split_params(params, cfg) / merge_params(trainable, frozen)   full tree <-> the two groups
   merge_lora(params, cfg)                                -> the full tree with adapters folded in
@@ -24,7 +25,7 @@ import ml_collections
 
 from vlacabin_jax.data.spec import zeros_batch
 from vlacabin_jax.model import dpo, lora
-from vlacabin_jax.model.losses import loss_terms
+from vlacabin_jax.model import losses
 from vlacabin_jax.model.vla_cabin import ANCHOR_KEYS, HEAD_KEYS, VLACabin
 
 
@@ -110,8 +111,17 @@ def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, batch_size: int 
     return cast_anchor(trainable, jnp.dtype(cfg.model.param_dtype)), frozen
 
 
+def _train_outputs(params: dict, frozen: dict, batch: dict, rngs: dict, cfg: ml_collections.ConfigDict,
+                   pairs: bool) -> dict:
+    """`VLACabin.train_outputs` on (params, frozen); the frozen tree gets no gradient."""
+    return build_model(cfg).apply(
+        {"params": merge_params(params, jax.lax.stop_gradient(frozen))}, batch,
+        cfg.loss.t_source_fraction, cfg.loss.t_beta, pairs, rngs=rngs, method=VLACabin.train_outputs)
+
+
 def loss_fn(params: dict, frozen: dict, batch: dict, rngs: dict, cfg: ml_collections.ConfigDict,
-            step=0, reference: dict | None = None) -> tuple[jax.Array, dict]:
+            step=0, reference: dict | None = None,
+            totals: dict | None = None) -> tuple[jax.Array, dict]:
     """Training loss with every term separately.
 
     Args:
@@ -122,19 +132,43 @@ def loss_fn(params: dict, frozen: dict, batch: dict, rngs: dict, cfg: ml_collect
       step: scalar training step (KL warm-up).
       reference: the frozen DPO reference ({"dnfm": params}, stage `align`): adds
         `loss.dpo_weight` x the Diffusion-DPO loss on the batch's preference pairs (`dpo.py`).
+      totals: None, or when `batch` is one microbatch of a larger batch, `loss_counts` of that
+        batch: every masked term is then divided by the batch's count instead of the
+        microbatch's, so the microbatches' losses, gradients and metrics add up to the batch's
+        (`losses.loss_terms`; `losses.PER_STEP_METRICS` excepted).
     Returns:
       (scalar loss, metrics {name: scalar}).
     """
     pairs = reference is not None
-    out = build_model(cfg).apply(
-        {"params": merge_params(params, jax.lax.stop_gradient(frozen))}, batch,
-        cfg.loss.t_source_fraction, cfg.loss.t_beta, pairs, rngs=rngs, method=VLACabin.train_outputs)
-    loss, metrics = loss_terms(out, batch, cfg, step)
+    out = _train_outputs(params, frozen, batch, rngs, cfg, pairs)
+    loss, metrics = losses.loss_terms(out, batch, cfg, step, totals)
     if pairs:
         dpo_loss, dpo_metrics = dpo.preference_loss(out, batch, reference, cfg)
+        if totals is not None:
+            # Each DPO mean is over this microbatch's pairs: n / N makes it sum / the batch's N
+            # (n is a count of the batch's `has_pair`, so the gradient scales alike).
+            n = dpo_metrics["dpo_pairs"]
+            scale = n / jnp.maximum(totals["dpo_pairs"], 1.0)
+            dpo_loss = dpo_loss * scale
+            dpo_metrics = {k: v if k == "dpo_pairs" else v * scale for k, v in dpo_metrics.items()}
         loss = loss + cfg.loss.dpo_weight * dpo_loss
         metrics = dict(metrics, **dpo_metrics, loss=loss)
     return loss, metrics
+
+
+def loss_counts(params: dict, frozen: dict, batch: dict, rngs: dict, cfg: ml_collections.ConfigDict,
+                reference: dict | None = None) -> dict[str, jax.Array]:
+    """How many rows or tokens each masked term of `loss_fn` covers in `batch` ({name: float32
+    scalar}; `dpo_pairs` with a reference): the `totals` of its microbatches.
+
+    The counts depend on the batch's masks and the encoders' token masks only, so under `jit`
+    XLA drops the rest of this forward pass as dead code.
+    """
+    out = _train_outputs(params, frozen, batch, rngs, cfg, False)
+    counts = losses.loss_counts(out, batch, cfg)
+    if reference is not None:
+        counts["dpo_pairs"] = batch["has_pair"].astype(jnp.float32).sum()
+    return counts
 
 
 def infer(params: dict, frozen: dict, batch: dict, cfg: ml_collections.ConfigDict,

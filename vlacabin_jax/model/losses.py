@@ -2,6 +2,14 @@
 
 Each term is a masked mean over the samples (or tokens) it applies to: a missing modality, a
 sample without an action target or without an explanation contributes nothing (no zero-filling).
+
+Every masked term is first a `Part`, (sum over the rows or tokens it covers, their count), so
+that gradient accumulation can divide the sums of all microbatches by the count of the whole
+batch (`loss_terms(..., totals=...)`, `train/step.py`): a mean of per-microbatch means is not the
+batch's mean when the masks differ between microbatches.
+
+    loss_parts(out, batch, cfg)                -> {term: (sum, count)}
+    loss_terms(out, batch, cfg, step, totals)  -> (loss, metrics)
 """
 
 from __future__ import annotations
@@ -15,11 +23,30 @@ import ml_collections
 from vlacabin_jax.data.actions import EOS_ID
 from vlacabin_jax.data.spec import MODALITIES
 
+# (sum over the rows/tokens a term covers, their count): float32 scalars.
+Part = tuple[jax.Array, jax.Array]
+
+# Metrics that do not depend on the batch (the step's KL weight, a statistic of the params): the
+# same in every microbatch, so accumulation averages them where it sums every other metric.
+PER_STEP_METRICS = ("kl_scale", "codebook_min_distance")
+
+
+def masked_sum(values: jax.Array, mask: jax.Array) -> Part:
+    """(Σ values where `mask` holds, how many hold), `mask` broadcast to `values`' shape."""
+    mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
+    return (values * mask).sum(), mask.sum()
+
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of `values` where `mask` (same shape, broadcastable) holds; 0 when nothing does."""
-    mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
-    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return part_mean(masked_sum(values, mask))
+
+
+def part_mean(part: Part, total: jax.Array | None = None) -> jax.Array:
+    """sum / count, or sum / `total` (the count over the whole batch when `part` is one
+    microbatch's); 0 when the count is 0."""
+    value, count = part
+    return value / jnp.maximum(count if total is None else total, 1.0)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -39,13 +66,16 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar, axis=-1)
 
 
-def infonce(pooled: jax.Array, present: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+def infonce_sum(pooled: jax.Array, present: jax.Array, temperature: float) -> Part:
     """Symmetric InfoNCE between every pair of modalities, only over samples having both.
+
+    The negatives of a row are the other rows of the same call, so under gradient accumulation
+    they are the rows of its microbatch.
 
     Args:
       pooled: [batch, n_modalities, d] pooled latent means; present: [batch, n_modalities] bool.
     Returns:
-      (loss averaged over all valid (sample, pair, direction) rows, number of such rows).
+      (loss summed over all valid (sample, pair, direction) rows, number of such rows).
     """
     # rsqrt of a clamped square norm: an absent modality pools to exactly zero, where the
     # gradient of `linalg.norm` is NaN even behind a `where`.
@@ -61,98 +91,126 @@ def infonce(pooled: jax.Array, present: jax.Array, temperature: float) -> tuple[
             ce = -jnp.diagonal(jax.nn.log_softmax(lg, axis=-1))
             total = total + jnp.sum(jnp.where(rows, ce, 0.0))
             count = count + rows.sum()
-    return total / jnp.maximum(count, 1.0), count
+    return jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32)
 
 
-def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step) -> tuple[jax.Array, dict]:
-    """Weighted total and every term from `VLACabin.train_outputs`.
+def infonce(pooled: jax.Array, present: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """(`infonce_sum`'s mean over its rows, the number of rows)."""
+    part = infonce_sum(pooled, present, temperature)
+    return part_mean(part), part[1]
+
+
+def loss_parts(out: dict, batch: dict, cfg: ml_collections.ConfigDict) -> dict[str, Part]:
+    """Every masked term and accuracy of `VLACabin.train_outputs` as (sum, count).
 
     Args:
       out: model outputs; batch: the batch dict; cfg: the full config (`loss`, `model`).
-      step: training step (scalar), for the KL warm-up.
     Returns:
-      (scalar loss, {name: scalar} metrics with each term and accuracies).
+      {name: (sum, count)}; `path_ce`, `path_velocity` and `path_gap` make up the `path` term.
     """
     lc, mc = cfg.loss, cfg.model
     present = batch["modality_mask"]
     idx = {m: i for i, m in enumerate(MODALITIES)}
+    has_actions = batch["has_actions"]
+    parts = {}
 
     # --- multimodal VAE
-    kl_latent = masked_mean(gaussian_kl(out["latent_mean"], out["latent_logvar"]), out["latent_mask"])
-    has_actions = batch["has_actions"]
-    kl_z0 = masked_mean(gaussian_kl(out["z0_mean"], out["z0_logvar"]).mean(-1), has_actions)
-    kl_scale = lc.kl_weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / max(lc.kl_warmup_steps, 1))
-    nce, nce_rows = infonce(out["pooled"], out["latent_present"], lc.infonce_temperature)
+    parts["kl_latent"] = masked_sum(gaussian_kl(out["latent_mean"], out["latent_logvar"]), out["latent_mask"])
+    parts["kl_z0"] = masked_sum(gaussian_kl(out["z0_mean"], out["z0_logvar"]).mean(-1), has_actions)
+    parts["infonce"] = infonce_sum(out["pooled"], out["latent_present"], lc.infonce_temperature)
 
     recon = out["recon"]
     has_state, has_speech, has_video = (present[:, idx[m]] for m in ("state", "speech", "video"))
-    rec_num = masked_mean(jnp.square(recon["state_numeric"] - batch["state_numeric"]).mean(-1), has_state)
+    parts["recon_state_numeric"] = masked_sum(
+        jnp.square(recon["state_numeric"] - batch["state_numeric"]).mean(-1), has_state)
     sizes = tuple(mc.state.categorical_sizes)
     splits = [sum(sizes[:k]) for k in range(1, len(sizes))]
     cat_ce = jnp.stack([cross_entropy(lg, batch["state_categorical"][:, f])
                         for f, lg in enumerate(jnp.split(recon["state_categorical"], splits, axis=-1))], -1)
-    rec_cat = masked_mean(cat_ce.mean(-1), has_state)
+    parts["recon_state_categorical"] = masked_sum(cat_ce.mean(-1), has_state)
     mel_w = batch["mel_mask"].astype(jnp.float32)[..., None]
     mel_target = (batch["mel"] * mel_w).sum(1) / jnp.maximum(mel_w.sum(1), 1.0)
-    rec_mel = masked_mean(jnp.square(recon["mel"] - mel_target).mean(-1), has_speech)
-    rec_vis = masked_mean(jnp.square(recon["visual"] - out["visual_target"]).mean(-1), has_video)
-    recon_loss = rec_num + rec_cat + rec_mel + rec_vis
+    parts["recon_mel"] = masked_sum(jnp.square(recon["mel"] - mel_target).mean(-1), has_speech)
+    parts["recon_visual"] = masked_sum(jnp.square(recon["visual"] - out["visual_target"]).mean(-1), has_video)
 
     # --- DNFM
     tokens = batch["action_tokens"]
     per_sample = has_actions[:, None]
-    velocity = masked_mean(jnp.square(out["velocity"] - out["velocity_target"]).mean(-1), per_sample)
-    endpoint = masked_mean(cross_entropy(out["endpoint_logits"], tokens), per_sample)
-    source = masked_mean(cross_entropy(out["source_logits"], tokens), per_sample)
+    parts["velocity"] = masked_sum(jnp.square(out["velocity"] - out["velocity_target"]).mean(-1), per_sample)
+    parts["endpoint_ce"] = masked_sum(cross_entropy(out["endpoint_logits"], tokens), per_sample)
+    parts["source_ce"] = masked_sum(cross_entropy(out["source_logits"], tokens), per_sample)
     # The velocity error on the model's own path, scaled by the time left: (1 - t')·(v' - v'*) is
     # the error of the endpoint it implies. Unscaled, the target (x1 - x')/(1 - t') explodes as t'
     # nears 1 (path terms of 7e3 and grad norms of 1.6e4 seen at step 13 of a tiny run), and the
     # clipped update of such a step is spent on that one term.
     remaining = (1.0 - out["t_next"])[:, None, None]
     path_velocity = jnp.square(remaining * (out["velocity_next"] - out["velocity_next_target"])).mean(-1)
-    path = (masked_mean(cross_entropy(out["path_logits"], tokens), per_sample)
-            + masked_mean(path_velocity, per_sample)
-            + masked_mean(out["path_endpoint_gap"], has_actions))
+    parts["path_ce"] = masked_sum(cross_entropy(out["path_logits"], tokens), per_sample)
+    parts["path_velocity"] = masked_sum(path_velocity, per_sample)
+    parts["path_gap"] = masked_sum(out["path_endpoint_gap"], has_actions)
 
     # --- explanation
     expl_targets = batch["explanation_tokens"][:, 1:]
     expl_mask = batch["explanation_mask"][:, 1:]
-    explanation = masked_mean(cross_entropy(out["explanation_logits"], expl_targets), expl_mask)
+    parts["explanation_ce"] = masked_sum(cross_entropy(out["explanation_logits"], expl_targets), expl_mask)
 
+    def hits(logits, labels):
+        return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+    parts["endpoint_acc"] = masked_sum(hits(out["endpoint_logits"], tokens), per_sample)
+    parts["source_acc"] = masked_sum(hits(out["source_logits"], tokens), per_sample)
+    parts["path_acc"] = masked_sum(hits(out["path_logits"], tokens), per_sample)
+    parts["explanation_acc"] = masked_sum(hits(out["explanation_logits"], expl_targets), expl_mask)
+    parts["endpoint_action_acc"], parts["endpoint_sequence_acc"] = action_accuracy_parts(
+        out["endpoint_logits"], tokens, has_actions)
     # The autoregressive action head (model.action_head; the ladder's baseline), teacher-forced.
-    ar = masked_mean(cross_entropy(out["ar_logits"], tokens), per_sample) if "ar_logits" in out else 0.0
-
-    loss = (lc.autoregressive_weight * ar + kl_scale * (kl_latent + kl_z0) + lc.infonce_weight * nce + lc.recon_weight * recon_loss
-            + lc.velocity_weight * velocity + lc.endpoint_weight * endpoint + lc.source_weight * source
-            + lc.path_weight * path + lc.explanation_weight * explanation)
-
-    def acc(logits, labels, mask):
-        return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
-
-
-    metrics = {
-        "loss": loss, "kl_latent": kl_latent, "kl_z0": kl_z0, "kl_scale": kl_scale,
-        "infonce": nce, "infonce_rows": nce_rows,
-        "recon_state_numeric": rec_num, "recon_state_categorical": rec_cat,
-        "recon_mel": rec_mel, "recon_visual": rec_vis,
-        "velocity": velocity, "endpoint_ce": endpoint, "source_ce": source, "path": path,
-        "explanation_ce": explanation,
-        "endpoint_acc": acc(out["endpoint_logits"], tokens, per_sample),
-        "source_acc": acc(out["source_logits"], tokens, per_sample),
-        "path_acc": acc(out["path_logits"], tokens, per_sample),
-        "explanation_acc": acc(out["explanation_logits"], expl_targets, expl_mask),
-        "codebook_min_distance": min_pairwise_distance(out["codebook"]),
-    }
     if "ar_logits" in out:
-        metrics.update(zip(("ar_ce", "ar_action_acc", "ar_sequence_acc"),
-                           (ar,) + action_accuracies(out["ar_logits"], tokens, has_actions)))
-    metrics.update(zip(("endpoint_action_acc", "endpoint_sequence_acc"),
-                       action_accuracies(out["endpoint_logits"], tokens, has_actions)))
+        parts["ar_ce"] = masked_sum(cross_entropy(out["ar_logits"], tokens), per_sample)
+        parts["ar_action_acc"], parts["ar_sequence_acc"] = action_accuracy_parts(out["ar_logits"], tokens, has_actions)
+    return parts
+
+
+def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step,
+               totals: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+    """Weighted total and every term from `VLACabin.train_outputs`.
+
+    Args:
+      out: model outputs; batch: the batch dict; cfg: the full config (`loss`, `model`).
+      step: training step (scalar), for the KL warm-up.
+      totals: None for a whole batch; for one microbatch of a batch, the counts of
+        `loss_parts` over the whole batch ({name: count}). Each term is then this microbatch's
+        sum / the batch's count, so that the losses, gradients and metrics of the microbatches
+        add up to the whole batch's (`infonce_rows`: this microbatch's rows, which add up too;
+        `PER_STEP_METRICS` are the same in every microbatch and do not add up).
+    Returns:
+      (scalar loss, {name: scalar} metrics with each term and accuracies).
+    """
+    lc = cfg.loss
+    parts = loss_parts(out, batch, cfg)
+    terms = {name: part_mean(part, None if totals is None else totals[name]) for name, part in parts.items()}
+    kl_scale = lc.kl_weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / max(lc.kl_warmup_steps, 1))
+    recon_loss = (terms["recon_state_numeric"] + terms["recon_state_categorical"] + terms["recon_mel"]
+                  + terms["recon_visual"])
+    path = terms.pop("path_ce") + terms.pop("path_velocity") + terms.pop("path_gap")
+    ar = terms.get("ar_ce", 0.0)
+
+    loss = (lc.autoregressive_weight * ar + kl_scale * (terms["kl_latent"] + terms["kl_z0"])
+            + lc.infonce_weight * terms["infonce"] + lc.recon_weight * recon_loss
+            + lc.velocity_weight * terms["velocity"] + lc.endpoint_weight * terms["endpoint_ce"]
+            + lc.source_weight * terms["source_ce"] + lc.path_weight * path
+            + lc.explanation_weight * terms["explanation_ce"])
+    metrics = dict(terms, loss=loss, kl_scale=kl_scale, path=path, infonce_rows=parts["infonce"][1],
+                   codebook_min_distance=min_pairwise_distance(out["codebook"]))
     return loss, metrics
 
 
-def action_accuracies(logits: jax.Array, tokens: jax.Array, has_actions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(accuracy on action tokens proper, fraction of sequences entirely right).
+def loss_counts(out: dict, batch: dict, cfg: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """{name: count} of every `loss_parts` term: the `totals` of `loss_terms`."""
+    return {name: count for name, (_, count) in loss_parts(out, batch, cfg).items()}
+
+
+def action_accuracy_parts(logits: jax.Array, tokens: jax.Array, has_actions: jax.Array) -> tuple[Part, Part]:
+    """(accuracy on action tokens proper, fraction of sequences entirely right) as (sum, count).
 
     Most positions are <pad>, so per-token accuracy flatters a model that emits nothing; these
     count what matters. <noop> is an action token here; <pad>/<eos> count only in whole sequences.
@@ -162,8 +220,14 @@ def action_accuracies(logits: jax.Array, tokens: jax.Array, has_actions: jax.Arr
     """
     hit = jnp.argmax(logits, -1) == tokens
     content = has_actions[:, None] & (tokens > EOS_ID)
-    return (masked_mean(hit.astype(jnp.float32), content),
-            masked_mean(hit.all(-1).astype(jnp.float32), has_actions))
+    return (masked_sum(hit.astype(jnp.float32), content),
+            masked_sum(hit.all(-1).astype(jnp.float32), has_actions))
+
+
+def action_accuracies(logits: jax.Array, tokens: jax.Array, has_actions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`action_accuracy_parts` as means: (action-token accuracy, sequence accuracy)."""
+    action, sequence = action_accuracy_parts(logits, tokens, has_actions)
+    return part_mean(action), part_mean(sequence)
 
 
 def min_pairwise_distance(codebook: jax.Array) -> jax.Array:

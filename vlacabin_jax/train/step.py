@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlacabin_jax import sharding
 from vlacabin_jax.data.spec import batch_spec
-from vlacabin_jax.model import functional
+from vlacabin_jax.model import functional, losses
 from vlacabin_jax.train.optimizer import learning_rate_fn, make_optimizer
 from vlacabin_jax.train.state import TrainState
 
@@ -71,11 +71,30 @@ def _reference(state: TrainState) -> dict | None:
     return state.reference or None
 
 
+def _accumulate_metrics(summed: dict, accum: int) -> dict:
+    """Metrics summed over `accum` microbatches → the batch's: each microbatch reported its sums
+    over the batch's counts (they add up), except `PER_STEP_METRICS`, which are the same in all."""
+    return {k: v / accum if k in losses.PER_STEP_METRICS else v for k, v in summed.items()}
+
+
 def _grads_and_metrics(cfg: ml_collections.ConfigDict, state: TrainState, batch: dict, mesh: Mesh,
                        grad_shardings: Any) -> tuple[Any, dict]:
-    """Gradient of the mean microbatch loss w.r.t. `trainable`, and the mean metrics."""
-    def loss(params, mb, rngs):
-        return functional.loss_fn(params, state.frozen, mb, rngs, cfg, state.step, _reference(state))
+    """Gradient of the batch's loss w.r.t. `trainable`, and the batch's metrics.
+
+    With `train.grad_accum_steps = A > 1` the batch runs as A microbatches (`_microbatches`)
+    and the step trains the same objective as the whole batch at once: every masked term is a
+    sum over the rows/tokens it covers divided by their count in the *whole batch*
+    (`functional.loss_counts`, taken before the microbatches run), so the microbatches' losses
+    and gradients are summed, not averaged. A mean of per-microbatch means would weigh a row
+    of a microbatch with few masked-in rows more than one of a full microbatch. One exception:
+    InfoNCE contrasts a row with the other rows of its microbatch (the negatives of a batch
+    that never exists at once cannot be had without a second pass), so its value is the mean
+    over all microbatches' rows of that microbatch-wise loss. The rngs are drawn per microbatch.
+    """
+    reference = _reference(state)
+
+    def loss(params, mb, rngs, totals=None):
+        return functional.loss_fn(params, state.frozen, mb, rngs, cfg, state.step, reference, totals)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     accum = int(cfg.train.grad_accum_steps)
@@ -83,20 +102,25 @@ def _grads_and_metrics(cfg: ml_collections.ConfigDict, state: TrainState, batch:
         (_, metrics), grads = grad_fn(state.trainable, batch, _step_rngs(state.rng, state.step, 0))
         return grads, metrics
 
+    # Only masks feed the counts: XLA drops the rest of this whole-batch forward as dead code.
+    totals = functional.loss_counts(state.trainable, state.frozen, batch, _step_rngs(state.rng, state.step, 0),
+                                    cfg, reference)
+
     def body(carry, xs):
         g_sum, m_sum = carry
         mb, i = xs
-        (_, m), g = grad_fn(state.trainable, mb, _step_rngs(state.rng, state.step, i))
+        (_, m), g = grad_fn(state.trainable, mb, _step_rngs(state.rng, state.step, i), totals)
         g_sum = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, g_sum, g), grad_shardings)
         return (g_sum, jax.tree.map(jnp.add, m_sum, m)), None
 
     micro = _microbatches(batch, accum, mesh)
     zeros_g = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.trainable), grad_shardings)
     first = jax.tree.map(lambda x: x[0], micro)
-    metric_shapes = jax.eval_shape(lambda: grad_fn(state.trainable, first, _step_rngs(state.rng, state.step, 0))[0][1])
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(state.trainable, first, _step_rngs(state.rng, state.step, 0), totals)[0][1])
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
-    return (jax.tree.map(lambda g: g / accum, g_sum), jax.tree.map(lambda m: m / accum, m_sum))
+    return g_sum, _accumulate_metrics(m_sum, accum)
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
