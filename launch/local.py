@@ -84,7 +84,9 @@ def failure_line(index: int, code: int, output: _Output) -> str:
     """The one line that says why a multi-process run stopped; `index` failed first with `code`."""
     if index in output.errors:
         return f"{output.errors[index]} (process {index})"
-    if code == -signal.SIGABRT and output.unhealthy:  # aborted by the coordination service
+    # Once the coordination service has named silent peers, a survivor that then dies by a signal
+    # was taken down by it: SIGABRT usually, SIGSEGV when the abort races gloo's threads.
+    if code < 0 and output.unhealthy and str(index) not in output.unhealthy:
         return (f"error: process {', '.join(output.unhealthy)} stopped sending heartbeats (hung, frozen or cut "
                 f"off), so the coordination service stopped the run; restart it to resume from the newest "
                 f"checkpoint")

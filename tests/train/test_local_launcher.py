@@ -37,6 +37,7 @@ def test_failure_line_names_the_process_and_the_cause():
     out.pump(0, lines)
     assert out.out.getvalue().startswith("[p0] step 3: loss=1\n[p0] E1201 ") and out.unhealthy == ["1"]
     assert local.failure_line(0, -6, out).startswith("error: process 1 stopped sending heartbeats")
+    assert local.failure_line(0, -11, out).startswith("error: process 1 stopped sending heartbeats")
     # Killed rather than frozen: process 0 is aborted by the coordination service all the same.
     assert local.failure_line(1, -9, out).startswith("error: process 1 died (signal SIGKILL)")
 
