@@ -13,16 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+# torch and transformers are required (the `test` extra): a broken install fails here, it does
+# not skip the parity tests.
+import torch
+import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from tools import import_hf as cli  # noqa: E402
-from vlacabin_jax import hf_import  # noqa: E402
-from vlacabin_jax.hf_import import HFImportError  # noqa: E402
-from vlacabin_jax.model.vit import VisionTransformer  # noqa: E402
+from tools import import_hf as cli
+from vlacabin_jax import hf_import
+from vlacabin_jax.hf_import import HFImportError
+from vlacabin_jax.model.vit import VisionTransformer
 
 SIGLIP = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
               patch_size=8, image_size=32, attn_implementation="eager")

@@ -1,32 +1,80 @@
-"""Parameter counts of every variant, from shapes alone (jax.eval_shape allocates nothing)."""
+"""Parameter counts of every variant, from shapes alone (jax.eval_shape allocates nothing), pinned
+to the README's "Variants" table and, for the fixed-size presets, to the exact count."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
 import jax
 import pytest
 
 from configs.vla_cabin import VARIANTS, get_config
 from vlacabin_jax.model import functional as F
 
-# (min, max) of (the model without its anchor, the anchor: vit + lm) in millions: tiny is a CPU
-# toy, base about 1B in total with the anchor, a100x128 carries a multi-billion anchor.
-RANGES = {
-    "tiny": ((0.1, 4.0), (0.05, 1.0)),
-    "small": ((5, 40), (2, 20)),
-    "base": ((200, 500), (450, 700)),
-    "a100x128": ((1000, 4000), (5000, 10000)),
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# (trainable, frozen) exactly. tiny is left to the README's figure: its model is being tuned.
+EXACT = {
+    "small": (13_566_731, 5_371_968),
+    "base": (329_491_547, 579_829_888),
+    "a100x128": (1_863_309_707, 8_028_603_760),
 }
+_UNITS = {"M": 1e6, "B": 1e9}
+
+
+def readme_table() -> dict[str, dict[str, str]]:
+    """The README's Variants table: {variant: {"trainable", "frozen", "total", "anchor"}} as
+    printed ("13.6 M", "0"); "anchor" only where the trainable cell names the anchor it holds."""
+    text = README.read_text()
+    section = text[text.index("### Variants"):]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        if line.startswith("###"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] not in VARIANTS:
+            continue
+        trainable, frozen, total = (re.match(r"[\d.]+(?: [MB])?", c).group(0) for c in cells[1:])
+        rows[cells[0]] = {"trainable": trainable, "frozen": frozen, "total": total}
+        anchor = re.search(r"its ([\d.]+ [MB]) anchor", cells[1])
+        if anchor:
+            rows[cells[0]]["anchor"] = anchor.group(1)
+    return rows
+
+
+def as_printed(n: int, figure: str) -> str:
+    """`n` written with the unit and decimals of `figure` ("0.91 B", "13.6 M", "0")."""
+    if " " not in figure:
+        return str(n)
+    number, unit = figure.split()
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return f"{n / _UNITS[unit]:.{decimals}f} {unit}"
+
+
+def _counts(variant: str) -> dict[str, int]:
+    cfg = get_config(variant)
+    trainable, frozen = jax.eval_shape(lambda: F.init_params(cfg, jax.random.key(0)))
+    n_train, n_frozen = F.param_count(trainable), F.param_count(frozen)
+    per_module = {k: round(F.param_count(v) / 1e6, 2) for k, v in {**trainable, **frozen}.items()}
+    print(f"{variant}: trainable {n_train / 1e6:.2f}M, frozen {n_frozen / 1e6:.2f}M, "
+          f"total {(n_train + n_frozen) / 1e6:.2f}M; {per_module}")
+    anchor = sum(F.param_count(g.get(k, {})) for g in (trainable, frozen) for k in ("vit", "lm"))
+    # The anchor is frozen unless it trains (tiny: no imported anchor, train.trainable = all_and_anchor).
+    assert all(k in frozen for k in ("vit", "lm")) == (cfg.train.trainable != "all_and_anchor")
+    return {"trainable": n_train, "frozen": n_frozen, "total": n_train + n_frozen, "anchor": anchor}
+
+
+def test_readme_table_lists_every_variant():
+    assert set(readme_table()) == set(VARIANTS)
+    assert as_printed(18_938_699, "18.9 M") == "18.9 M" and as_printed(909_321_435, "0.91 B") == "0.91 B"
+    assert as_printed(0, "0") == "0" and as_printed(1, "0") == "1"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_param_counts(variant):
-    cfg = get_config(variant)
-    trainable, frozen = jax.eval_shape(lambda: F.init_params(cfg, jax.random.key(0)))
-    n_train, n_frozen = F.param_count(trainable) / 1e6, F.param_count(frozen) / 1e6
-    per_module = {k: round(F.param_count(v) / 1e6, 2) for k, v in {**trainable, **frozen}.items()}
-    print(f"{variant}: trainable {n_train:.2f}M, frozen {n_frozen:.2f}M, total {n_train + n_frozen:.2f}M; {per_module}")
-    n_anchor = sum(F.param_count(g.get(k, {})) for g in (trainable, frozen) for k in ("vit", "lm")) / 1e6
-    (lo_t, hi_t), (lo_f, hi_f) = RANGES[variant]
-    assert lo_t <= n_train + n_frozen - n_anchor <= hi_t and lo_f <= n_anchor <= hi_f
-    # The anchor is frozen unless it trains (tiny: no imported anchor, train.trainable = all_and_anchor).
-    in_frozen = all(k in frozen for k in ("vit", "lm"))
-    assert in_frozen == (cfg.train.trainable != "all_and_anchor")
-    if variant == "tiny":
-        assert n_train + n_frozen < 5.0
+def test_param_counts_are_the_readme_figures(variant):
+    counts = _counts(variant)
+    for column, figure in readme_table()[variant].items():
+        assert as_printed(counts[column], figure) == figure, (variant, column, counts[column])
+    if variant in EXACT:
+        assert (counts["trainable"], counts["frozen"]) == EXACT[variant]
+        assert counts["frozen"] == counts["anchor"]  # the frozen group is the anchor
