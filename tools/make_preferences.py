@@ -54,17 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} already holds pairs; pass a new --out", file=sys.stderr)
         return 2
 
-    from tools.evaluate import EvalError, resolve_config, restore_params
+    from vlacabin_jax.config import ConfigError
     from vlacabin_jax.data import pipeline, preferences
     from vlacabin_jax.eval import evaluate as E
     from vlacabin_jax.eval import preferences as P
+    from vlacabin_jax.train.restore import RestoreError, checkpoint_config, restore_params
 
     t0 = time.perf_counter()
-    try:
-        args.config = None  # the checkpoint's own config (resolve_config's convention)
-        cfg = resolve_config(args.checkpoint, args, overrides)
+    try:  # the checkpoint's own config, `--config.*` overrides on top
+        cfg = checkpoint_config(args.checkpoint, args.step, overrides=overrides)
         trainable, frozen = restore_params(args.checkpoint, cfg, args.step)
-    except EvalError as e:
+    except ConfigError as e:
+        print(f"error: --config: {str(e).removeprefix('--config: ')}", file=sys.stderr)
+        return 2
+    except RestoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     samples = E.eval_samples(cfg, args.num_samples, "vla", split="train", start=args.start)

@@ -10,6 +10,7 @@ from configs.vla_cabin import get_config
 from tools import evaluate as cli
 from vlacabin_jax.data import pipeline
 from vlacabin_jax.eval import evaluate as E
+from vlacabin_jax.train import restore
 
 N = 300  # heldout VLA samples for the policy checks (≈0.6 s each)
 # One worker runs this module: its model tests share the params and the compiled sampler.
@@ -103,7 +104,7 @@ def test_latency_measures_compiled_warm_calls(cfg, model):
     assert lat["device"].startswith("cpu")
 
 
-def test_checkpoint_restore_and_cli_on_it(cfg, model, tmp_path, capsys):
+def test_checkpoint_restore_and_cli_on_it(cfg, model, tmp_path, capsys, monkeypatch):
     """A checkpoint written by the trainer's `Checkpointer`: params restored (newest step through the
     trainer's reader, an explicit step through the generic one), its saved config used, the CLI run."""
     import jax
@@ -121,26 +122,27 @@ def test_checkpoint_restore_and_cli_on_it(cfg, model, tmp_path, capsys):
         assert ckpt.save(step, state, {"next": step}, force=True)
         ckpt.wait()
     ckpt.close()
-    assert cli.find_checkpoint_item(str(ck_dir)) == ck_dir / "7" / "state"
+    assert restore.find_checkpoint_item(str(ck_dir)) == ck_dir / "7" / "state"
     same = lambda a, b: jax.tree.all(jax.tree.map(  # noqa: E731
         lambda x, y: np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32)), a, b))
     for step in (None, 5):
-        t2, f2 = cli.restore_params(str(ck_dir), cfg, step)
+        t2, f2 = restore.restore_params(str(ck_dir), cfg, step)
         assert same(trainable, t2) and same(frozen, f2)
-    with pytest.raises(cli.EvalError, match="do not match config 'small'"):
-        cli.restore_params(str(ck_dir), get_config("small"))
-    with pytest.raises(cli.EvalError, match="step 3 not in"):
-        cli.find_checkpoint_item(str(ck_dir), step=3)
-    saved = cli.checkpoint_config(ck_dir / "7" / "state")
+    with pytest.raises(restore.RestoreError, match="do not match config 'small'"):
+        restore.restore_params(str(ck_dir), get_config("small"))
+    with pytest.raises(restore.RestoreError, match="step 3 not in"):
+        restore.find_checkpoint_item(str(ck_dir), step=3)
+    saved = restore.saved_config(ck_dir / "7" / "state")
     assert saved["variant"] == "tiny"
-    args = cli.argparse.Namespace(config=None, step=None)
-    resolved = cli.resolve_config(str(ck_dir), args, ["--config.model.dnfm.sample_steps=2"])
+    resolved = restore.checkpoint_config(str(ck_dir), overrides=["--config.model.dnfm.sample_steps=2"])
     assert resolved.model.to_dict() == dict(cfg.model.to_dict(), dnfm=dict(cfg.model.dnfm.to_dict(), sample_steps=2))
 
-    # The whole CLI on that checkpoint, at the batch size compiled above (no new compilation).
+    # The whole CLI on that checkpoint, at the batch size compiled above (no new compilation), with
+    # the relative path a user types (Orbax itself refuses relative paths).
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["--checkpoint", "run/checkpoints", "--num-samples", str(B), "--batch-size", str(B),
+                   "--retrieval-samples", "4", "--latency-iters", "0", "--out", "out"])
     out = tmp_path / "out"
-    rc = cli.main(["--checkpoint", str(ck_dir), "--num-samples", str(B), "--batch-size", str(B),
-                   "--retrieval-samples", "4", "--latency-iters", "0", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "metrics.json").read_text())
     assert res["overall"]["n"] == B and "retrieval" in res and res["meta"]["variant"] == "tiny"

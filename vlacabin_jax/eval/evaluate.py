@@ -4,6 +4,7 @@
     evaluate_policy(predict_fn, samples, cfg)                   -> metrics (any policy)
     evaluate_model(trainable, frozen, cfg, samples, steps)      -> metrics (+ cross-modal retrieval)
     latency(trainable, frozen, cfg, samples, batch_sizes)       -> P50/P95 of compiled `infer`
+    evaluate_entry("runs/demo/checkpoints" | "oracle" | ..., cfg, samples) -> metrics + meta
 
 The evaluation set follows the data pipeline's split convention: "heldout" is world indices
 `pipeline.HELDOUT_OFFSET + i` (never a training sample), "train" is indices `i`. Multi-turn
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -278,3 +280,58 @@ def latency(trainable, frozen, cfg, samples: Sequence[dict], batch_sizes: Sequen
                          "min_ms": float(ms.min()), "first_call_s": first, "iters": iters,
                          "samples_per_s": bs / (p50 / 1e3)}
     return out
+
+
+# ---------------------------------------------------------------- named entries (tools.evaluate)
+SPECIAL = ("oracle", "random", "random-init")  # entries that are not checkpoint directories
+
+
+def evaluate_entry(entry: str, cfg: ml_collections.ConfigDict, samples: Sequence[dict],
+                   retrieval_samples: Sequence[dict] = (), *, step: int | None = None, seed: int = 0,
+                   steps: int | None = None, batch_size: int = 32, retrieval_pool: int = 256,
+                   num_failures: int = 5, latency_iters: int = 50, split: str = "heldout") -> dict:
+    """Results of one entry: "oracle", "random", "random-init" or a checkpoint directory (its
+    params restored at `step`, default latest), with `meta` describing the run."""
+    from vlacabin_jax.train.restore import restore_params
+
+    t0 = time.perf_counter()
+    if entry in ("oracle", "random"):
+        fn = oracle_policy(cfg) if entry == "oracle" else random_policy(cfg, seed=seed)
+        res = evaluate_policy(fn, samples, cfg, num_failures=num_failures)
+    else:
+        if entry == "random-init":
+            trainable, frozen = random_init(cfg, seed)
+        else:
+            trainable, frozen = restore_params(entry, cfg, step)
+        res = evaluate_model(trainable, frozen, cfg, samples, steps=steps, batch_size=batch_size,
+                             retrieval_samples=retrieval_samples, retrieval_pool=retrieval_pool,
+                             num_failures=num_failures)
+        if latency_iters > 0:
+            res["latency"] = latency(trainable, frozen, cfg, samples, (1, batch_size), iters=latency_iters,
+                                     steps=steps)
+    res["meta"] = {"policy": entry, "variant": cfg.variant, "split": split, "num_samples": len(samples),
+                   "steps": steps or int(cfg.model.dnfm.sample_steps),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+    return res
+
+
+def entry_names(entries: Sequence[str]) -> list[str]:
+    """Short labels: the run's name for `<run>/checkpoints`, else the directory's own name; two
+    equal names become `A-name`, `B-name`."""
+    def name(entry: str) -> str:
+        if entry in SPECIAL:
+            return entry
+        p = Path(entry).resolve()
+        return p.parent.name if p.name == "checkpoints" else p.name
+
+    names = [name(e) for e in entries]
+    if len(names) == 2 and names[0] == names[1]:
+        names = [f"A-{names[0]}", f"B-{names[1]}"]
+    return names
+
+
+def default_out(entries: Sequence[str], names: Sequence[str]) -> Path:
+    """`<run>/eval` for a run's `checkpoints/` directory, else `runs/eval/<names>` (runs/ is ignored by git)."""
+    if len(entries) == 1 and entries[0] not in SPECIAL and Path(entries[0]).resolve().name == "checkpoints":
+        return Path(entries[0]).resolve().parent / "eval"
+    return Path("runs", "eval", "_vs_".join(names))
