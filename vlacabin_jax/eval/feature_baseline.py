@@ -2,7 +2,7 @@
 
     batch_features(batch, cfg)  -> [b, n_features] float32 (fixed, no learned encoder)
     FeatureMLP(cfg)             -> per-position action logits [b, action_len, vocab]
-    train(cfg, steps, ...)      -> (params, curve), on the trainer's batches
+    train(cfg, steps, ...)      -> ({"mlp", "stats"}, curve), on the trainer's batches
     predict(params, cfg, samples) -> predictions (grammar-constrained decode)
 
 The features are what the batch contract carries, flattened with no knowledge of the cabin:
@@ -10,6 +10,11 @@ bags of the current and the earlier turns' text tokens, the raw log-mel, frames 
 to 8×8 with their differences to the first frame, the state (numeric values with their Fourier
 features, categorical one-hots), the constraint tags, bags of the earlier turn's action log, and
 the modality mask. Its heldout success is what a simple learner gets out of the contract.
+
+The features are standardised with statistics of the first `_STAT_BATCHES` training batches
+(kept beside the weights, not trained): raw, the 1024 mel values and the pixel pools swamp the
+sparse text bags under one LayerNorm, and the MLP sat at the `<noop>` floor (24.6 % heldout
+success at 2000 x 32, against 36-50 % standardised on the same budget).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from vlacabin_jax.model import dnfm
 from vlacabin_jax.train.optimizer import make_optimizer
 
 _POOL = 8  # frames are average-pooled to _POOL × _POOL pixels
+_STAT_BATCHES = 16  # training batches whose features set the standardisation
 
 
 def _bag(tokens: jax.Array, mask: jax.Array, size: int) -> jax.Array:
@@ -97,8 +103,22 @@ def _model(cfg) -> FeatureMLP:
     return FeatureMLP(cfg.model.action_len, cfg.model.dnfm.vocab_size)
 
 
-def _loss(params, batch, cfg, sep_id: int) -> jax.Array:
-    logits = _model(cfg).apply({"params": params}, batch_features(batch, cfg, sep_id))
+def feature_stats(feature_rows: Sequence[jax.Array]) -> dict:
+    """{"mean", "scale": [n_features]} of the stacked rows (each [b, n_features]); a constant
+    feature gets scale 1, so it stays 0 after standardising."""
+    x = jnp.concatenate(list(feature_rows), axis=0)
+    std = x.std(0)
+    return {"mean": x.mean(0), "scale": jnp.where(std > 1e-6, std, 1.0)}
+
+
+def _logits(params: dict, batch: dict, cfg, sep_id: int) -> jax.Array:
+    """params {"mlp", "stats"} → action logits [b, action_len, vocab]."""
+    x = (batch_features(batch, cfg, sep_id) - params["stats"]["mean"]) / params["stats"]["scale"]
+    return _model(cfg).apply({"params": params["mlp"]}, x)
+
+
+def _loss(mlp_params, stats, batch, cfg, sep_id: int) -> jax.Array:
+    logits = _logits({"mlp": mlp_params, "stats": stats}, batch, cfg, sep_id)
     tokens = batch["action_tokens"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     # Positions up to <eos>: the grammar-constrained decode puts <pad> after it by itself.
@@ -110,26 +130,32 @@ def _loss(params, batch, cfg, sep_id: int) -> jax.Array:
 def train(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequence[dict] = (), curve_every: int = 0,
           log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """Train the baseline on the trainer's batches (same seed) with the trainer's optimizer
-    settings (`optim.*`, schedule over `steps`). Returns (params, curve)."""
+    settings (`optim.*`, schedule over `steps`). Returns ({"mlp": weights, "stats": the
+    standardisation, `feature_stats`}, curve)."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.train.steps = int(steps)
     sep_id = _sep_id(cfg)
     batch_size = int(cfg.train.global_batch_size)
     data = pipeline.make_dataset(cfg, split="train", global_batch_size=batch_size, seed=int(cfg.train.seed))
-    first = {k: v for k, v in next(data).items() if k != "sample_id"}
-    params = _model(cfg).init(jax.random.key(int(cfg.train.seed)), batch_features(first, cfg, sep_id))["params"]
+    # The statistics batches are the first training batches themselves: no extra data is seen.
+    head = [{k: v for k, v in next(data).items() if k != "sample_id"} for _ in range(min(steps, _STAT_BATCHES))]
+    featurize = jax.jit(lambda b: batch_features(b, cfg, sep_id))
+    stats = feature_stats([featurize(b) for b in head])
+    mlp = _model(cfg).init(jax.random.key(int(cfg.train.seed)), featurize(head[0]))["params"]
     tx = make_optimizer(cfg)
-    opt_state = tx.init(params)
+    opt_state = tx.init(mlp)
 
     @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(_loss)(params, batch, cfg, sep_id)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def step(mlp, opt_state, batch):
+        loss, grads = jax.value_and_grad(_loss)(mlp, stats, batch, cfg, sep_id)
+        updates, opt_state = tx.update(grads, opt_state, mlp)
+        return optax.apply_updates(mlp, updates), opt_state, loss
 
-    curve, t0, batch = [], time.perf_counter(), first
+    curve, t0 = [], time.perf_counter()
     for s in range(1, steps + 1):
-        params, opt_state, loss = step(params, opt_state, batch)
+        batch = head[s - 1] if s <= len(head) else {k: v for k, v in next(data).items() if k != "sample_id"}
+        mlp, opt_state, loss = step(mlp, opt_state, batch)
+        params = {"mlp": mlp, "stats": stats}
         if curve_every and curve_samples and (s % curve_every == 0 or s == steps):
             from vlacabin_jax.eval.ladder import score
 
@@ -138,9 +164,7 @@ def train(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequence[di
             curve.append(row)
             log(f"  step {s}: heldout success {row['success_rate']:.3f} loss {row['loss']:.3f} "
                 f"({time.perf_counter() - t0:.0f} s)")
-        if s < steps:
-            batch = {k: v for k, v in next(data).items() if k != "sample_id"}
-    return jax.device_get(params), curve
+    return jax.device_get({"mlp": mlp, "stats": stats}), curve
 
 
 def predict(params: dict, cfg: ml_collections.ConfigDict, samples: Sequence[dict],
@@ -150,8 +174,7 @@ def predict(params: dict, cfg: ml_collections.ConfigDict, samples: Sequence[dict
 
     @jax.jit
     def decide(batch):
-        logits = _model(cfg).apply({"params": params}, batch_features(batch, cfg, sep_id))
-        return dnfm.decode_tokens(logits, True)
+        return dnfm.decode_tokens(_logits(params, batch, cfg, sep_id), True)
 
     out = []
     for batch, n in evaluate.batches(samples, cfg, batch_size):

@@ -183,7 +183,7 @@ def run_ladder(cfg: ml_collections.ConfigDict, names: Sequence[str], steps: int,
             params, curve = feature_baseline.train(rc, steps, curve_set, curve_every, log)
             train_s = time.perf_counter() - t0
             by_k = {"-": score(feature_baseline.predict(params, rc, samples), samples)}
-            n_params = functional.param_count(params)
+            n_params = functional.param_count(params["mlp"])
         else:
             trainable, frozen, curve = train_rung(rc, steps, curve_set, curve_every, log)
             train_s = time.perf_counter() - t0
