@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tools import export as export_tool
-from vlacabin_jax.export import convert
+from vlacabin_jax.export import bundle, convert
 from vlacabin_jax.export.verify import VerificationError
 from vlacabin_jax.train.checkpoint import CHECKSUMS
 
@@ -119,6 +119,18 @@ def test_cli_process_exit_status_and_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_export_extra_is_one_line_with_the_install_command(tmp_path):
+    """Without torch (only the base install): one line naming the extra, exit status 2, no traceback."""
+    # `sys.modules[name] = None` makes the module unfindable, as if it was never installed.
+    code = ("import sys; sys.modules['torch'] = None; from tools.export import main; "
+            f"sys.exit(main(['--random-init', '--config', 'configs/vla_cabin.py:tiny', '--out', {str(tmp_path / 'out')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: exporting needs torch (the 'export' extra): pip install torch==2.13.0 && pip install -e '.[export]'"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_failed_verification_writes_nothing_and_keeps_the_old_export(tmp_path, monkeypatch, tiny_source,
                                                                       tiny_reference):
     """A conversion bug (one transposed square weight) must be caught by the parity check: the
@@ -135,8 +147,8 @@ def test_failed_verification_writes_nothing_and_keeps_the_old_export(tmp_path, m
 
     monkeypatch.setattr(convert, "flax_to_torch", buggy)
     with pytest.raises(VerificationError) as info:
-        export_tool.export(out=out, source=tiny_source, reference=tiny_reference, steps=4, overwrite=True,
-                           latency_runs=0, log=lambda line: None)
+        bundle.export(out=out, source=tiny_source, reference=tiny_reference, steps=4, overwrite=True,
+                      latency_runs=0, log=lambda line: None)
     assert "torch_fp32" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]

@@ -1,4 +1,4 @@
-"""End to end: a trained checkpoint → tools.export → JAX vs PyTorch vs ONNX Runtime agree.
+"""End to end: a trained checkpoint → export (`vlacabin_jax.export.bundle`) → JAX vs PyTorch vs ONNX Runtime agree.
 
 One export of the tiny config (from the session's trained checkpoint) is shared by the tests of
 this module; its verification report is the main evidence, and the tests below re-check the files
@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tools.export import export
+from vlacabin_jax.export.bundle import export
 from vlacabin_jax.export import onnx_export, torch_model, verify
 
 
@@ -128,13 +128,13 @@ def test_small_checkpoint_converts_and_matches_jax(tmp_path_factory):
     `train_and_save`) becomes PyTorch files whose mirror matches JAX. The ONNX path is shape-generic
     and proven on tiny above; at small's size it would cost minutes of CPU for no new code path."""
     from tests.export.conftest import trained_checkpoint
-    from tools.export import _tokenizer_dir, write_pytorch
+    from vlacabin_jax.export.bundle import find_tokenizer_dir, write_pytorch
     from vlacabin_jax.export.source import from_checkpoint
 
     source = from_checkpoint(trained_checkpoint(tmp_path_factory, "small", steps=0))
     assert source.cfg.variant == "small"
     out = tmp_path_factory.mktemp("small")
-    config = write_pytorch(out, source, 2, _tokenizer_dir(source.cfg, None))
+    config = write_pytorch(out, source, 2, find_tokenizer_dir(source.cfg, None))
     assert config["steps"] == 2 and (out / "model.safetensors").is_file()
     mirror = torch_model.load_mirror(out)
     inputs = verify.verification_inputs(source.cfg, 2, 2)  # 2 random edge cases + 2 world samples

@@ -7,7 +7,8 @@
   verify        JAX vs PyTorch vs ONNX Runtime on the same inputs; ORT CPU latency
   trt_report    TensorRT 10 op support and trtexec command lines
   source        checkpoints (Orbax) and fresh inits as export inputs, validated
+  bundle        `export(...)`: the verified export directory, written atomically
 
-The entry point is `tools/export.py` (`python -m tools.export`). Nothing is imported here, so
+The command line is `tools/export.py` (`python -m tools.export`) over `bundle.export`. Nothing is imported here, so
 `vlacabin_jax.export.torch_model` loads with torch and safetensors alone.
 """
