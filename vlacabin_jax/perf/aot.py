@@ -370,8 +370,15 @@ def lowered_flops(lowered, num_devices: int) -> float | None:
     """FLOPs per device of the program before XLA optimizes it (the global program / devices;
     rematerialized blocks included, loop bodies counted once). On GPU the compiled count misses
     the matmuls: they become cuBLAS custom calls, which XLA's cost analysis counts as 0."""
+    import jax
+
     try:
         ca = lowered.cost_analysis()
+        if not ca:  # a CUDA-topology Lowered has none: analyse its HLO with the CPU client
+            from jax._src.lib import xla_client
+
+            module = lowered.compiler_ir("hlo").get_hlo_module()
+            ca = xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
     except Exception:  # noqa: BLE001 - FLOPs are a report, not a requirement
         return None
     ca = ca[0] if isinstance(ca, (list, tuple)) and ca else ca
