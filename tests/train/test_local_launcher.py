@@ -25,9 +25,26 @@ def test_each_process_gets_its_id_the_shared_coordinator_and_its_devices():
 def test_trainer_flags_are_required(capsys):
     with pytest.raises(SystemExit) as e:
         local.main(["--processes", "2"])
-    assert e.value.code == 2 and "give the trainer's flags after --" in capsys.readouterr().err
+    assert e.value.code == 2 and "give the trainer's flags, e.g. --config" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         local.main(["--processes", "0", "--", "--config", "c.py:tiny", "--workdir", "w"])
+    with pytest.raises(SystemExit):
+        local.main(["--processes", "0", "--config", "c.py:tiny", "--workdir", "w"])
+
+
+def test_trainer_flags_pass_through_with_or_without_the_separator(monkeypatch):
+    trainer = ["--config", "configs/vla_cabin.py:tiny", "--workdir", "runs/mp", "--config.train.steps=2"]
+    assert local.split_args(["--processes", "2", *trainer]) == (["--processes", "2"], trainer)
+    assert local.split_args(["--processes=3", "--devices", "1", "--", *trainer]) == (
+        ["--processes=3", "--devices", "1"], trainer)
+    assert local.split_args([trainer[0], "--devices", "2", *trainer[1:]]) == (["--devices", "2"], trainer)
+    # After `--` nothing is the launcher's, not even a flag of the same name.
+    assert local.split_args(["--", "--devices", "5"]) == ([], ["--devices", "5"])
+    seen = []
+    monkeypatch.setattr(local, "run", lambda processes, devices, args: seen.append((processes, devices, args)) or 0)
+    assert local.main(["--processes", "2", *trainer]) == 0
+    assert local.main(["--processes", "2", "--", *trainer]) == 0
+    assert seen == [(2, 4, trainer), (2, 4, trainer)]
 
 
 def test_failure_line_names_the_process_and_the_cause():
