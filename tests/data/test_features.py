@@ -210,3 +210,16 @@ def test_no_unknown_tokens_on_generated_text_in_both_languages(tok):
         assert unk not in ids, t
         assert tok.decode(ids) == t  # lossless, spaces included
     assert unk not in encode_text(tok, "Hello 你好, the rear-left seat! 22 C? ~@#")  # ASCII fallback
+
+
+def test_tokenizer_without_torch_prints_no_transformers_banner():
+    """A base install has no torch: transformers' "PyTorch was not found" advisory must not print
+    (it reads like an error on every launch). `sys.modules[name] = None` hides an installed module."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; sys.modules['torch'] = None; from vlacabin_jax.data import features; "
+            "features.load_tokenizer(None); assert 'TRANSFORMERS_NO_ADVISORY_WARNINGS' not in os.environ")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "PyTorch was not found" not in proc.stderr + proc.stdout

@@ -38,6 +38,21 @@ TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "tokenizer")
 _TAG_INDEX = {t: i for i, t in enumerate(CONSTRAINT_TAGS)}
 
 
+def _transformers_tokenizers():
+    """(AutoTokenizer, PreTrainedTokenizerFast), imported without transformers' "PyTorch was not
+    found" advisory: tokenizers need no torch, and the banner reads like an error on every launch."""
+    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"  # read when the advisory is logged
+    try:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    finally:
+        if previous is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+    return AutoTokenizer, PreTrainedTokenizerFast
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path_or_none: str | None = None):
     """The text tokenizer as a `transformers` fast tokenizer.
@@ -48,8 +63,7 @@ def load_tokenizer(path_or_none: str | None = None):
         directory, with tokenizer.json and usually tokenizer_config.json) loads that tokenizer as
         its own config describes it.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    AutoTokenizer, PreTrainedTokenizerFast = _transformers_tokenizers()
     if path_or_none is None:
         return PreTrainedTokenizerFast(tokenizer_file=os.path.join(TOKENIZER_DIR, "tokenizer.json"),
                                        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
