@@ -5,7 +5,7 @@
 
 For every (config, source, workers) it builds the `make_dataset` iterator, waits for the first batch
 (start-up: worker spawn, first reads), then times `--batches` more and prints a table of samples/s.
-"shards" first writes `--samples` synthetic samples with `tools.build_dataset` to a temporary
+"shards" first writes `--samples` synthetic samples with `vlacabin_jax.data.build` to a temporary
 directory; "synthetic" renders the world on the fly. Compare the figures with the trainer's
 samples/s: the pipeline must stay well ahead of it.
 """
@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vlacabin_jax.data import pipeline
-
-from tools import build_dataset
+from vlacabin_jax.config import load_config
+from vlacabin_jax.data import build, pipeline
 
 
 def measure(cfg, source: str, workers: int, batch_size: int, batches: int, warmup: int = 5
@@ -59,15 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'config':8} {'source':10} {'workers':>7} {'startup s':>10} {'samples/s':>10}")
     with tempfile.TemporaryDirectory(prefix="data_bench-") as tmp:
         for variant in args.configs.split(","):
-            cfg = build_dataset.load_config(f"{args.config_file}:{variant}")
+            cfg = load_config(f"{args.config_file}:{variant}")
             # Same indices for both sources: the synthetic epoch is the shard count.
             cfg.data.synthetic_size = args.samples
             for source in args.sources.split(","):
                 if source == "shards":
                     out = Path(tmp, variant)
-                    plan = build_dataset.synthetic_plan(cfg, args.samples, 0)
-                    build_dataset.build(cfg, out, plan, 4, pipeline.synthetic_params(cfg), False,
-                                        progress=False)
+                    plan = build.synthetic_plan(cfg, args.samples, 0)
+                    build.build(cfg, out, plan, 4, pipeline.synthetic_params(cfg), progress=False)
                     src = str(out)
                 else:
                     src = "synthetic"

@@ -61,7 +61,7 @@ def shard_ranges(count: int, num_shards: int) -> list[tuple[int, int]]:
 
 def split_counts(total: int) -> dict[str, int]:
     """Samples per kind when `total` samples are spread evenly over `KINDS` (first kinds get the
-    remainder). Shared by `build_dataset` and the on-the-fly synthetic source so both hold the same
+    remainder). Shared by `data.build` and the on-the-fly synthetic source so both hold the same
     indices."""
     return {k: total // len(KINDS) + (i < total % len(KINDS)) for i, k in enumerate(KINDS)}
 
