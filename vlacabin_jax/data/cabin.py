@@ -4,8 +4,8 @@ What lives here: the cabin state; what each action token does to it (`apply`); t
 (`violations`); which tokens contradict each other in one turn (`CONFLICT_RULES`); which must come
 before which (`ORDER_RULES`); the scene modes and their steps (`scene_steps`); executing and
 checking any token sequence (`execute`, `check`); and the state's model features
-(`state_to_features`). The rule-based policy that answers requests is in `policy.py` and is
-re-exported here as `policy`.
+(`state_to_features`). The rule-based policy that answers requests is in `policy.py`; it builds on
+these rules (policy → cabin, never the reverse: the rules judge any answer, the policy's included).
 
 Every function takes arbitrary token sequences (not only policy outputs), so the evaluator can run
 model samples through the same rules.
@@ -645,9 +645,3 @@ def state_from_features(numeric: np.ndarray, categorical: np.ndarray, tags: Sequ
         asleep=tuple(bool(a) for a in asleep), speaker=SEATS[cat[-1]],
         tags=tuple(t for t in CONSTRAINT_TAGS if t in set(tags)))
 
-
-def policy(context):
-    """The rule-based cabin policy (see `vlacabin_jax.data.policy.policy`)."""
-    from vlacabin_jax.data import policy as _policy  # policy.py imports this module
-
-    return _policy.policy(context)
