@@ -66,3 +66,78 @@ def test_load_moves_params_across_groups_keeps_new_ones_and_casts(tmp_path):
         init_from.load(tmp_path / "sft", bad, jax.tree.map(lambda _: repl, bad))
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         init_from.load(tmp_path / "missing", state, jax.tree.map(lambda _: repl, state))
+
+
+# ---- train.init_from on the trainer's own checkpoint (the loop tests' reference run) ------------
+
+def _lora_start(init_from: Path, **extra):
+    """The reference run's config with LoRA adapters on the encoders (lora_and_heads, as the align
+    stage trains), starting from `init_from`."""
+    from tests.train import runs
+
+    cfg = runs.config(**{"train.init_from": str(init_from), "train.trainable": "lora_and_heads", **extra})
+    cfg.model.lora.rank = 4
+    return cfg
+
+
+def _saved_leaf(step_dir: Path, group: str, *keys: str) -> np.ndarray:
+    """One param of a trainer checkpoint's state item, read with its saved metadata."""
+    with ocp.PyTreeCheckpointer() as c:
+        tree = c.restore((step_dir / "state").absolute())
+    node = tree[group]
+    for k in keys:
+        node = node[k]
+    return np.asarray(node)
+
+
+@pytest.mark.xdist_group("train_loop")
+def test_loop_starts_from_its_own_checkpoint_and_reports_loaded_new_dropped(reference, tmp_path):
+    """loop.train with init_from = the reference run's checkpoints/: every param of the model
+    loaded (the anchor and encoders into `frozen`), the LoRA adapters new, nothing dropped; the
+    report in events.jsonl; the loaded values those of the checkpoint. Stops before step 1 (no
+    train step is compiled); the stop saves step 0."""
+    from tests.train import runs
+    from vlacabin_jax.train import checkpoint as ckpt_lib
+    from vlacabin_jax.train import loop
+
+    source, _, _ = reference
+    newest = ckpt_lib.read_metadata(source / "checkpoints")["step"]
+    summary = loop.train(_lora_start(source / "checkpoints"), tmp_path / "lora", stop=loop.StopFlag(at_step=0))
+    assert summary.step == 0
+    reports = [e["event"] for e in runs.events(tmp_path / "lora") if e["event"].startswith("init_from")]
+    assert len(reports) == 1, runs.events(tmp_path / "lora")
+    head, loaded, new, dropped = (line.strip() for line in reports[0].splitlines())
+    assert head.startswith(f"init_from {source / 'checkpoints'}: ") and " params (" in head
+    n_loaded = int(head.split(": ")[1].split(" params")[0])
+    assert n_loaded > 100 and loaded.startswith(f"loaded ({n_loaded}): ")
+    assert "lm (" in loaded and "vit (" in loaded and "text_encoder (" in loaded
+    assert new.startswith("new (") and "text_encoder/…/lora_a" in new and "video_encoder/…/lora_b" in new
+    assert dropped == "dropped (0): -"
+    # The values: the encoder kernel (trainable in the source, frozen base weight here) and a head.
+    for group, keys in ((("trainable", "frozen"), ("text_encoder", "encoder", "layers", "mlp", "up", "dense", "kernel")),
+                        (("trainable", "trainable"), ("dnfm", "in_proj", "dense", "kernel"))):
+        want = _saved_leaf(source / "checkpoints" / str(newest), group[0], *keys)
+        got = _saved_leaf(tmp_path / "lora" / "checkpoints" / "0", group[1], *keys)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.xdist_group("train_loop")
+def test_loop_refuses_a_damaged_init_from_checkpoint(reference, tmp_path):
+    """A byte of the newest checkpoint changed: the run stops with one CheckpointError line naming
+    the step and the file, before it writes anything."""
+    import shutil
+
+    from vlacabin_jax.train import checkpoint as ckpt_lib
+    from vlacabin_jax.train import loop
+
+    source, _, _ = reference
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(source / "checkpoints", copy)
+    newest = ckpt_lib.read_metadata(copy)["step"]
+    victim = max((p for p in (copy / str(newest) / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {newest} is damaged \(file .* does not match its sha256"):
+        loop.train(_lora_start(copy), tmp_path / "run", stop=loop.StopFlag(at_step=0))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
