@@ -335,6 +335,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
                 break
         if node is None or leaf not in node:
             raise ConfigError(f"override {item!r}: no config field {key}")
-        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
+        try:  # ConfigDict refuses a value of another type (e.g. a string for an int field)
+            node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     validate(cfg)
     return cfg

@@ -75,6 +75,6 @@ def test_bad_mesh_leaves_existing_checkpoints_untouched(tmp_path):
     ({}, "10.0.0.1:1234", "--coordinator_address"),
 ])
 def test_multiprocess_detection(env, coordinator, want):
-    from launch.__main__ import multiprocess_environment
+    from vlacabin_jax.runtime import multiprocess_environment
 
     assert multiprocess_environment(coordinator, env) == want
