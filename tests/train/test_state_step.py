@@ -1,8 +1,10 @@
 """Train state created sharded; the jitted step (donation, device metrics, accumulation, NaN guard)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -81,6 +83,7 @@ def test_real_step_donates_state_and_keeps_metrics_on_device():
     # 8x1x1: the same program as the loop tests' reference run (multi-axis CPU meshes can deadlock
     # in XLA:CPU, see tests/train/test_loop.py).
     cfg = _cfg((8, 1, 1))
+    cfg.train.trainable = "all"  # the reference run's layout: a frozen anchor
     mesh = sharding.make_mesh(cfg.mesh)
     state, shardings = state_lib.create_train_state(cfg, mesh)
     train_step = step_lib.make_train_step(cfg, mesh, shardings)
@@ -88,6 +91,8 @@ def test_real_step_donates_state_and_keeps_metrics_on_device():
     batch = step_lib.device_batch(next(it), step_lib.batch_shardings(cfg, mesh), 16)
     assert batch["frames"].sharding.spec[0] == ("data", "fsdp")
     old_kernel = state.trainable["dnfm"]["in_proj"]["dense"]["kernel"]
+    # Device copies: a host view of a CPU buffer would keep it alive and block the donation.
+    frozen_before, trainable_before = jax.tree.map(jnp.copy, (state.frozen, state.trainable))
     new_state, metrics = train_step(state, batch)
     assert old_kernel.is_deleted()  # donated: updated in place, no second copy of the state
     assert all(isinstance(v, jax.Array) and v.shape == () and v.sharding.is_fully_replicated
@@ -97,6 +102,35 @@ def test_real_step_donates_state_and_keeps_metrics_on_device():
     for key in ("loss", "velocity", "endpoint_ce", "source_ce", "explanation_ce", "grad_norm", "learning_rate"):
         assert key in host
     jax.tree.map(lambda x, s: (x.sharding == s) or pytest.fail("output sharding changed"), new_state, shardings)
+    # The frozen anchor comes out bit for bit as it went in, while the trainable params got
+    # gradients (Adam's first moments; step 1's learning rate is 0, so the params stay).
+    assert {"vit", "lm"} <= set(frozen_before)
+    assert jax.tree.structure(frozen_before) == jax.tree.structure(new_state.frozen)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.frozen), jax.device_get(frozen_before))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.trainable), jax.device_get(trainable_before))
+    mu = jax.tree.leaves(jax.device_get(optax.tree_utils.tree_get(new_state.opt_state, "mu")))
+    assert len(mu) == len(jax.tree.leaves(trainable_before)) and sum(bool(np.any(m)) for m in mu) > 0.8 * len(mu)
+
+
+def test_loss_fn_gives_the_frozen_tree_no_gradient():
+    """`functional.loss_fn` itself stops the gradient into the frozen tree (the anchor and, under
+    LoRA, the encoders' base weights): its gradient w.r.t. `frozen` is exactly zero. (With the
+    stop_gradient taken out of `functional._train_outputs` this gradient is nonzero.)"""
+    from vlacabin_jax.model import functional
+
+    cfg = _cfg((8, 1, 1))
+    cfg.model.lora.rank = 4
+    cfg.train.trainable = "lora_and_heads"
+    trainable, frozen = nn.unbox(functional.init_params(cfg, jax.random.key(0)))
+    assert {"vit", "lm", "text_encoder"} <= set(frozen)
+    host = next(pipeline.make_dataset(cfg, global_batch_size=4, seed=0))
+    batch = {k: jnp.asarray(v) for k, v in host.items() if k not in step_lib.HOST_ONLY_FIELDS}
+    rngs = {"latent": jax.random.key(1), "flow": jax.random.key(2)}
+    grads = jax.jit(jax.grad(lambda f: functional.loss_fn(trainable, f, batch, rngs, cfg, 5)[0]))(frozen)
+    leaves = jax.tree_util.tree_leaves_with_path(grads)
+    assert len(leaves) == len(jax.tree.leaves(frozen))
+    for path, g in leaves:
+        assert not np.any(np.asarray(g)), jax.tree_util.keystr(path)
 
 
 # ---- accumulation and the non-finite guard, on the real step code with a cheap stand-in loss
