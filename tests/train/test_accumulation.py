@@ -11,6 +11,9 @@ The noise: `jax.random` draws depend on the shape asked for, so a microbatch of 
 cannot draw what the same rows drew in the full batch. The model's draws (`normal`, `uniform`,
 `randint` in `VLACabin.train_outputs`) are replaced by constants for this test; everything
 else, every mask and every term, is the real code.
+
+The same reference gradient checks the stop-gradient of `loss_fn`: w.r.t. the frozen tree
+(anchor, LoRA base weights) it is exactly zero.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ BATCH = 16
 
 
 def _cfg():
-    """tiny, fp32, every loss term of the model on: the DPO loss (stage align: a reference),
+    """tiny, fp32, the align stage's layout (LoRA adapters on the encoders, the anchor and the
+    encoders' base weights frozen), every loss term of the model on: the DPO loss (a reference),
     the KL past its warm-up start. (The autoregressive head's terms are ladder-only; their
     accumulation is checked in tests/model/test_losses.py.)"""
     cfg = get_config("tiny")
     cfg.model.dtype = "float32"
-    cfg.train.update(stage="align", trainable="all", global_batch_size=BATCH, grad_accum_steps=ACCUM)
+    cfg.model.lora.rank = 4
+    cfg.train.update(stage="align", trainable="lora_and_heads", global_batch_size=BATCH, grad_accum_steps=ACCUM)
     cfg.loss.update(dpo_weight=1.0, kl_warmup_steps=10)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 8, 1, 1
     return cfg
@@ -76,7 +81,8 @@ def fixed_noise(monkeypatch):
 
 
 def _reference(cfg, state, batch):
-    """The full batch's (loss, metrics, grads), InfoNCE taken per microbatch as the step does.
+    """The full batch's (metrics, grads w.r.t. trainable, grads w.r.t. frozen), InfoNCE taken per
+    microbatch as the step does.
 
     loss = loss_fn(full batch) - w · infonce(full batch) + w · Σ_a rows_a · infonce_a / Σ_a rows_a
     """
@@ -84,19 +90,20 @@ def _reference(cfg, state, batch):
     rngs = step_lib._step_rngs(state.rng, state.step, 0)  # constant draws: any key will do
     ref = state.reference
 
-    def loss(params):
-        full_loss, m = functional.loss_fn(params, state.frozen, batch, rngs, cfg, state.step, ref)
+    def loss(params, frozen):
+        full_loss, m = functional.loss_fn(params, frozen, batch, rngs, cfg, state.step, ref)
         nce_sum, rows = 0.0, 0.0
         for a in range(ACCUM):
             micro = jax.tree.map(lambda x: x[a::ACCUM], batch)
-            _, ma = functional.loss_fn(params, state.frozen, micro, rngs, cfg, state.step, ref)
+            _, ma = functional.loss_fn(params, frozen, micro, rngs, cfg, state.step, ref)
             nce_sum, rows = nce_sum + ma["infonce"] * ma["infonce_rows"], rows + ma["infonce_rows"]
         nce = nce_sum / jnp.maximum(rows, 1.0)
         total = full_loss - w * m["infonce"] + w * nce
         return total, dict(m, loss=total, infonce=nce, infonce_rows=rows)
 
-    (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.trainable)
-    return metrics, grads
+    (_, metrics), (grads, frozen_grads) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        state.trainable, state.frozen)
+    return metrics, grads, frozen_grads
 
 
 def _largest_differences(got_m, want_m, got_g, want_g) -> tuple[float, str, float]:
@@ -117,7 +124,12 @@ def test_accumulated_step_equals_the_full_batch_on_uneven_masks(fixed_noise):
     host = _uneven(next(pipeline.make_dataset(cfg, global_batch_size=BATCH, seed=0)))
     batch = step_lib.device_batch(host, step_lib.batch_shardings(cfg, mesh), BATCH)
 
-    want_m, want_g = _reference(cfg, state, batch)
+    want_m, want_g, frozen_g = _reference(cfg, state, batch)
+    # loss_fn itself stops the gradient into the frozen tree (the anchor, the encoders' base
+    # weights): exactly zero, not merely left out of the update.
+    assert {"vit", "lm", "text_encoder"} <= set(frozen_g)
+    for path, g in jax.tree_util.tree_leaves_with_path(frozen_g):
+        assert not np.any(np.asarray(g)), jax.tree_util.keystr(path)
     # The masks are uneven indeed, and every term is on.
     for name in ("kl_latent", "kl_z0", "infonce", "recon_state_numeric", "recon_state_categorical",
                  "recon_mel", "recon_visual", "velocity", "endpoint_ce", "source_ce", "path",
