@@ -177,7 +177,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.text_len = {"tiny": 24, "small": 32, "base": 64, "a100x128": 96}[variant]  # text tokens
     d.mel_frames = {"tiny": 32, "small": 64, "base": 200, "a100x128": 300}[variant]  # mel frames
     d.num_frames = {"tiny": 4, "small": 4, "base": 8, "a100x128": 16}[variant]  # video frames
-    # Input pipeline (vlacabin_jax/data/pipeline.py; shards from tools/build_dataset.py).
+    # Input pipeline (vlacabin_jax/data/pipeline.py; shards from `python -m tools.build_dataset`,
+    # vlacabin_jax/data/build.py).
     d.source = "synthetic"  # "synthetic" (cabin world rendered on the fly) or a shard directory
     d.world_seed = 0  # seed of the synthetic world: fixes the sample content (part of the DataHash)
     d.synthetic_size = 1_000_000  # train samples per epoch of the on-the-fly world (even over kinds)
@@ -227,7 +228,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # heads after the LM -- connector with the z0 variational head, DNFM, explanation head; the
     # encoders' base weights, bridge inputs, queries and reconstruction heads stay frozen (`align`).
     # tiny has no imported anchor, so its anchor learns (quality ladder: 41 % heldout success against
-    # ~25 % with the frozen random one, 2000 steps of 32; README "Quality ladder").
+    # ~25 % with the frozen random one, 2000 steps of 32; docs/evaluation.md, "Quality ladder").
     tr.trainable = "all_and_anchor" if variant == "tiny" else "all"
     # Write each process's sample ids per step to <workdir>/sample_ids/p<i>.jsonl (audits that
     # processes read disjoint slices of every global batch; small, but one row per step).

@@ -32,7 +32,7 @@ VARIANTS = ("tiny", "small", "base", "a100x128")
 # The sft policy's own answers that break a guardrail or act where nothing should happen, against
 # its better answers to the same turn, plus plain VLA turns that keep the sft terms. (Unfiltered
 # best-vs-worst pairs, and the world's pairs, are mostly "act" vs "<noop>": they raised
-# over-triggers on tiny; README "Staged recipe".)
+# over-triggers on tiny; docs/recipe.md.)
 REJECTED_FOR = "violation,over_trigger"
 ALIGN_MIXTURE = "preference_sim=1,vla=3"
 

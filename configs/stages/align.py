@@ -27,7 +27,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.lora.alpha = 16.0
     c.data.mixture = "preference=2,vla=1"  # pairs, plus sft turns as an anchor
     c.loss.dpo_weight = 1.0
-    # beta 10 moved tiny's policy further than beta 2 for no fewer over-triggers (README).
+    # beta 10 moved tiny's policy further than beta 2 for no fewer over-triggers (docs/recipe.md).
     c.loss.dpo_beta = 2.0
     # A short, gentle stage: the reference is one lr-step away at the start.
     c.train.steps = {"tiny": 300, "small": 2000, "base": 5000, "a100x128": 5000}[variant]

@@ -26,7 +26,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.loss[f"{term}_weight"] = 1.0
     if variant == "tiny":
         # tiny's sampler answers only <noop> for its first ~1000 steps of batch 32; by step 3000
-        # it acts (500 heldout turns: success 27.0% against 23.4% for <noop> alone; README).
+        # it acts (500 heldout turns: success 27.0% against 23.4% for <noop> alone; docs/recipe.md).
         c.train.steps, c.train.global_batch_size = 3000, 32
         c.train.eval_every = 1000
     return c

@@ -1,5 +1,5 @@
 """Parameter counts of every variant, from shapes alone (jax.eval_shape allocates nothing), pinned
-to the README's "Variants" table and, for the fixed-size presets, to the exact count."""
+to the "Variants" table of docs/model.md and, for the fixed-size presets, to the exact count."""
 from __future__ import annotations
 
 import re
@@ -11,9 +11,9 @@ import pytest
 from configs.vla_cabin import VARIANTS, get_config
 from vlacabin_jax.model import functional as F
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+MODEL_DOC = Path(__file__).resolve().parents[2] / "docs" / "model.md"
 
-# (trainable, frozen) exactly. tiny is left to the README's figure: its model is being tuned.
+# (trainable, frozen) exactly. tiny is left to the table's figure: its model is being tuned.
 EXACT = {
     "small": (13_566_731, 5_371_968),
     "base": (329_491_547, 579_829_888),
@@ -23,10 +23,10 @@ _UNITS = {"M": 1e6, "B": 1e9}
 
 
 def readme_table() -> dict[str, dict[str, str]]:
-    """The README's Variants table: {variant: {"trainable", "frozen", "total", "anchor"}} as
+    """The Variants table of docs/model.md: {variant: {"trainable", "frozen", "total", "anchor"}} as
     printed ("13.6 M", "0"); "anchor" only where the trainable cell names the anchor it holds."""
-    text = README.read_text()
-    section = text[text.index("### Variants"):]
+    text = MODEL_DOC.read_text()
+    section = text[text.index("## Variants"):]
     rows = {}
     for line in section.splitlines()[1:]:
         if line.startswith("###"):
