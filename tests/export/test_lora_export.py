@@ -1,6 +1,9 @@
 """The export folds LoRA adapters into the encoder kernels: the mirror gets `W + alpha / rank · A B`
 and no adapter tensors. Random values on the config's shapes (traced, never compiled); the
-numerical equivalence of merged and unmerged params in JAX is `tests/model/test_lora.py`."""
+numerical equivalence of merged and unmerged params in JAX is `tests/model/test_lora.py`; a
+checkpoint with adapters exported and run against JAX: the last test."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -43,3 +46,46 @@ def test_conversion_merges_adapters_into_the_kernels():
     # A config without adapters does not silently drop them.
     with pytest.raises(convert.ConversionError, match="lora_a"):
         convert.flax_to_torch(trainable, frozen, convert.mirror_config(plain, 4))
+
+
+def test_lora_checkpoint_exports_a_mirror_that_matches_jax(tmp_path_factory):
+    """A tiny checkpoint in the trainer's format with LoRA adapters on the encoders (the align
+    stage's layout; every param noised, see `train_and_save`, so each adapter changes its kernel):
+    the PyTorch mirror, with the adapters folded in, gives JAX's outputs with the adapters
+    applied on the fly."""
+    from tests.export.conftest import trained_checkpoint
+    from vlacabin_jax.export import torch_model, verify
+    from vlacabin_jax.export.bundle import find_tokenizer_dir, write_pytorch
+    from vlacabin_jax.export.source import from_checkpoint
+
+    overrides = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "train.trainable": "lora_and_heads"}
+    src = from_checkpoint(trained_checkpoint(tmp_path_factory, "tiny", steps=0, overrides=overrides, name="lora"))
+    assert src.cfg.model.lora.rank == 4
+    assert sum(k.endswith("lora_b") for k, _ in _flat(src.trainable)) >= 4
+    # The noised adapters (0.02) made 25x louder, so that folding them in or not is far beyond
+    # the fp32 tolerance of the comparison.
+    src = dataclasses.replace(src, trainable=_map(
+        lambda k, v: v * 25.0 if k.endswith("lora_b") else v, src.trainable))
+    out = tmp_path_factory.mktemp("lora")
+    write_pytorch(out, src, 2, find_tokenizer_dir(src.cfg, None))
+    mirror = torch_model.load_mirror(out)
+    inputs = verify.verification_inputs(src.cfg, 2, 2)  # 2 random edge cases + 2 world samples
+    reference = verify.JaxReference(src.cfg, src.trainable, src.frozen, steps=2)(inputs)
+    result = verify.compare(reference, verify.run_torch(mirror, inputs), verify.FP32)
+    assert result["pass"], result
+    assert all(result["outputs"][k]["agreement"] == 1.0 for k in verify.TOKEN_OUTPUTS)
+    assert result["outputs"]["velocities"]["max_ref"] > 1e-2
+
+
+def _map(fn, tree, prefix=""):
+    """`tree` with each leaf replaced by fn(path "a/b/c", leaf)."""
+    return {k: _map(fn, v, f"{prefix}{k}/") if isinstance(v, dict) else fn(f"{prefix}{k}", v)
+            for k, v in tree.items()}
+
+
+def _flat(tree, prefix=""):
+    """[(path "a/b/c", leaf)] of a nested dict."""
+    out = []
+    for k, v in tree.items():
+        out += _flat(v, f"{prefix}{k}/") if isinstance(v, dict) else [(f"{prefix}{k}", np.asarray(v))]
+    return out

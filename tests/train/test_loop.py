@@ -1,12 +1,13 @@
 """The training loop end to end on 8 simulated CPU devices: the loss falls, the workdir contract,
-goodput, a NaN rolls back. Signals, kills, resume across process counts:
-test_multiprocess.py. Meshes: the same losses on every mesh are checked by
-`python -m tools.mesh_bench` (XLA:CPU can deadlock multi-axis meshes of 8 simulated devices on 2
-cores, and each mesh is a fresh compile of minutes); sharding itself by tests/test_sharding.py and
-the cross-mesh restore by test_checkpoint.py.
+goodput, a NaN rolls back, a resume on another mesh gives the same losses. Signals, kills,
+resume across process counts: test_multiprocess.py. Meshes: the same losses on every mesh are
+checked by `python -m tools.mesh_bench`; here one multi-axis mesh only (each mesh is a fresh
+compile of minutes on 2 cores); sharding itself by tests/test_sharding.py and the cross-mesh
+restore of arrays by test_checkpoint.py.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -82,6 +83,26 @@ def test_nan_batch_rolls_back_and_is_skipped(reference, tmp_path):
     with pytest.raises(loop.TrainingError, match="non-finite loss at step 7 .data batch 6."):
         loop.train(cfg, tmp_path / "nan_strict")
     assert ckpt_lib.read_metadata(tmp_path / "nan_strict" / "checkpoints")["step"] == 4
+
+
+def test_resume_on_a_mesh_with_fsdp_and_tensor_axes_gives_the_same_losses(reference, tmp_path):
+    """The reference run's step-1 checkpoint (saved on data=8) resumed on data=2, fsdp=2, tensor=2:
+    steps 2 and 3 give the reference run's losses, every term, to float tolerance."""
+    source, _, want = reference
+    workdir = tmp_path / "mesh222"
+    shutil.copytree(source / "checkpoints" / "1", workdir / "checkpoints" / "1")
+    summary = loop.train(runs.config(mesh=(2, 2, 2)), workdir, stop=loop.StopFlag(at_step=3))
+    assert summary.step == 3
+    resumed = [e["event"] for e in runs.events(workdir) if e["event"].startswith("resumed")]
+    assert resumed == ["resumed from checkpoint 1 (saved on mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, "
+                       "now {'data': 2, 'fsdp': 2, 'tensor': 2})"]
+    got = runs.rows(workdir)
+    assert sorted(got) == [2, 3]
+    terms = ("loss", "kl_latent", "kl_z0", "infonce", "recon_state_numeric", "recon_mel", "velocity",
+             "endpoint_ce", "source_ce", "path", "explanation_ce", "grad_norm")
+    for step in (2, 3):
+        for key in terms:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
 def test_a_learning_anchor_is_refused_across_processes(monkeypatch, tmp_path):
