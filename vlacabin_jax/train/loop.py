@@ -2,6 +2,10 @@
 
     train(cfg, workdir, stop=None) -> Summary
 
+The step loop only takes a batch, runs the step and calls the actions of `periodic.py` (log with
+evaluation, checkpoint saves, profile, goodput accounting) and the rollback; each keeps its own
+state and clock.
+
 Host/device contract: the loop dispatches steps asynchronously and touches device values only
 (a) every `train.log_every` steps (one `device_get` of the window's metrics), (b) before a
 checkpoint is written (the window's `finite` flags), (c) at evaluation. Everything else
@@ -28,6 +32,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -36,23 +41,15 @@ import numpy as np
 from vlacabin_jax import sharding
 from vlacabin_jax.config import ConfigError, config_to_json_dict, validate
 from vlacabin_jax.data import pipeline
-from vlacabin_jax.eval import evaluate as cabin_eval
-from vlacabin_jax.eval import report as cabin_report
 from vlacabin_jax.model.flops import model_flops_per_sample
 from vlacabin_jax.sharding import MeshError
-from vlacabin_jax.train import barrier
 from vlacabin_jax.train import checkpoint as ckpt_lib
 from vlacabin_jax.train import init_from as init_lib
 from vlacabin_jax.train import metrics as metrics_lib
+from vlacabin_jax.train import periodic
 from vlacabin_jax.train import state as state_lib
 from vlacabin_jax.train import step as step_lib
-
-# Shown on the console at every log line.
-CONSOLE_KEYS = ("loss", "endpoint_ce", "source_ce", "explanation_ce", "endpoint_action_acc", "grad_norm",
-                "learning_rate", "step_time_s", "samples_per_s", "data_wait_fraction", "mfu",
-                "eval/loss", "eval/endpoint_action_acc", "eval/success_rate", "eval/violation_rate",
-                "dpo_loss", "dpo_margin", "dpo_accuracy", "eval/dpo_accuracy")
-
+from vlacabin_jax.train.periodic import Goodput
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite losses beyond `train.max_rollbacks`)."""
@@ -102,34 +99,6 @@ class Summary:
     goodput: dict  # `Goodput.report()`: where this call's wall time went
 
 
-@dataclasses.dataclass
-class Goodput:
-    """Where a `train` call's wall time goes; productive = the rest (steps whose updates stand).
-
-    startup: config to the first step (mesh, state init or restore, data); compile: the first
-    step; data_wait: taking batches and building the global arrays; checkpoint: the loop's
-    blocking part of saves (the final one included); eval: periodic evaluation; rollback:
-    restoring after a non-finite loss plus the discarded steps (their count x the step time).
-    """
-
-    start: float = dataclasses.field(default_factory=time.perf_counter)
-    startup_s: float = 0.0
-    compile_s: float = 0.0
-    data_wait_s: float = 0.0
-    checkpoint_s: float = 0.0
-    eval_s: float = 0.0
-    rollback_s: float = 0.0
-
-    def report(self) -> dict[str, float]:
-        total = time.perf_counter() - self.start
-        lost = (self.startup_s + self.compile_s + self.data_wait_s + self.checkpoint_s + self.eval_s
-                + self.rollback_s)
-        return {"total_s": total, "productive_s": max(total - lost, 0.0), "startup_s": self.startup_s,
-                "compile_s": self.compile_s, "data_wait_s": self.data_wait_s, "checkpoint_s": self.checkpoint_s,
-                "eval_s": self.eval_s, "rollback_s": self.rollback_s,
-                "goodput": max(total - lost, 0.0) / max(total, 1e-9)}
-
-
 def check_mesh(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     """The mesh must divide the global batch (and its microbatches) and every stack's heads."""
     batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -163,50 +132,6 @@ def prepare_workdir(workdir: str | Path) -> Path:
         raise WorkdirError(f"--workdir {path} cannot be written ({e.strerror or e}); pass a writable "
                            f"directory") from None
     return path
-
-
-def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """NaN in every float input (test hook `train.inject_nan_batch`)."""
-    return {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in batch.items()}
-
-
-class _Window:
-    """Device metrics of the steps since the last log; fetched in one transfer."""
-
-    def __init__(self):
-        self.entries: list[tuple[int, int, dict]] = []  # (step after update, batch index, metrics)
-        self.start = time.perf_counter()
-        self.data_s = 0.0
-        self.excluded_s = 0.0  # compilation and checkpoint saves inside the window (not step time)
-        self.save_s = 0.0
-
-    def reset(self) -> None:
-        self.__init__()
-
-    def first_non_finite(self) -> tuple[int, int] | None:
-        """(step, batch index) of the first step whose update was refused; syncs on `finite` only."""
-        if not self.entries:
-            return None
-        flags = _fetch([m["finite"] for _, _, m in self.entries])
-        for (step, index, _), ok in zip(self.entries, flags):
-            if not ok:
-                return step, index
-        return None
-
-
-def _fetch(tree):
-    """Device → host once the values are computed.
-
-    Waiting first matters on the CPU backend with several simulated devices: a host copy
-    requested while the step still runs can hold one of the threads the step's collectives
-    need, and the step deadlocks.
-    """
-    return jax.device_get(jax.block_until_ready(tree))
-
-
-def _mean_metrics(entries: list[dict]) -> dict[str, float]:
-    host = _fetch(entries)
-    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop: StopFlag | None = None,
@@ -247,47 +172,121 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop: StopFlag
             signal.signal(sig, handler)
 
 
-def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Goodput) -> Summary:
-    tr = cfg.train
-    total, batch_size = int(tr.steps), int(tr.global_batch_size)
-    abstract, shardings = state_lib.state_shardings(cfg, mesh)
-    target = state_lib.abstract_with_shardings(abstract, shardings)
-    data_hash = pipeline.dataset_hash(cfg)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg, mesh_shape=mesh_shape, data_hash=data_hash)
-    data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                   global_batch_size=batch_size, seed=int(tr.seed))
-    train_it = pipeline.make_dataset(cfg, split="train", **data_kw)
-    initial_data_state = train_it.get_state()
+@dataclasses.dataclass
+class _Position:
+    """Where training stands, and the bookkeeping every checkpoint carries (`metadata["loop"]`)."""
 
-    init_reports: list[str] = []  # what train.init_from loaded, new, dropped (events.jsonl)
+    state: Any
+    step: int
+    rollbacks: int = 0
+    skipped: set[int] = dataclasses.field(default_factory=set)  # data batches a rollback skips
 
-    def fresh_state():
-        state, _ = state_lib.create_train_state(cfg, mesh)
-        if tr.init_from:
-            state, plan = init_lib.load(tr.init_from, state, shardings)
-            state = state_lib.reset_reference(state, shardings)  # align: the reference is the init
-            init_reports.append(f"init_from {tr.init_from}: {len(plan.loaded)} params "
-                                f"({plan.loaded_values / 1e6:.2f} M values) loaded\n{plan.summary()}")
-        elif cfg.model.anchor_weights:
-            state = state_lib.load_anchor(state, shardings, cfg.model.anchor_weights)
-        return state
+    def bookkeeping(self) -> dict:
+        return {"rollbacks": self.rollbacks, "skipped_batches": sorted(self.skipped)}
 
-    restored = ckpt.restore_latest(target)
-    loop_state = {"rollbacks": 0, "skipped_batches": []}
-    if restored is not None:
-        state = restored.state
-        train_it.set_state(restored.data)
-        loop_state.update(restored.metadata.get("loop", {}))
-        step = restored.step
-    else:
-        state, step = fresh_state(), 0
-    skipped = set(int(i) for i in loop_state["skipped_batches"])
-    if jax.process_index() == 0:  # only once the checkpoint (if any) is known to fit this config
-        (workdir / "config.json").write_text(json.dumps(config_to_json_dict(cfg), indent=2, sort_keys=True))
 
-    writer = metrics_lib.MetricsWriter(workdir, total, step)
-    for report in init_reports:
-        writer.event(step, report)
+def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """NaN in every float input (test hook `train.inject_nan_batch`)."""
+    return {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in batch.items()}
+
+
+class _Feed:
+    """The training batches as global device arrays: skips the batches earlier rollbacks marked,
+    logs sample ids (`train.log_sample_ids`), applies the NaN test hook; the time it takes is data
+    wait (the window's and goodput's)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, it: Any, bshard: Any, workdir: Path,
+                 window: periodic.Window, goodput: Goodput):
+        self.it, self.bshard, self.window, self.goodput = it, bshard, window, goodput
+        self.batch_size, self.nan_batch = int(cfg.train.global_batch_size), int(cfg.train.inject_nan_batch)
+        self.ids_log = None
+        if cfg.train.log_sample_ids:
+            (workdir / "sample_ids").mkdir(exist_ok=True)
+            self.ids_log = open(workdir / "sample_ids" / f"p{jax.process_index()}.jsonl", "a", buffering=1)
+
+    def next(self, step: int, skipped: set[int]) -> tuple[int, Any] | None:
+        """(data batch index, device batch) for step `step` + 1, or None for a skipped batch."""
+        t0 = time.perf_counter()
+        index = int(self.it.get_state()["next_batch"])
+        batch = next(self.it)
+        if index in skipped:
+            return None
+        if self.ids_log is not None:
+            self.ids_log.write(json.dumps({"step": step + 1, "batch": index,
+                                           "sample_id": np.asarray(batch["sample_id"]).tolist()}) + "\n")
+        if index == self.nan_batch:
+            batch = _poison(batch)
+        device_batch = step_lib.device_batch(batch, self.bshard, self.batch_size)
+        seconds = time.perf_counter() - t0
+        self.window.data_s += seconds
+        self.goodput.charge("data_wait_s", seconds)
+        return index, device_batch
+
+    def close(self) -> None:
+        if self.ids_log is not None:
+            self.ids_log.close()
+
+
+def _fresh_state(cfg: ml_collections.ConfigDict, mesh: Any, shardings: Any) -> tuple[Any, str | None]:
+    """The initial TrainState (with `train.init_from` or the anchor weights loaded) and, with
+    `train.init_from`, the report of what it loaded, what is new and what was dropped."""
+    state, _ = state_lib.create_train_state(cfg, mesh)
+    if cfg.train.init_from:
+        state, plan = init_lib.load(cfg.train.init_from, state, shardings)
+        state = state_lib.reset_reference(state, shardings)  # align: the reference is the init
+        return state, (f"init_from {cfg.train.init_from}: {len(plan.loaded)} params "
+                       f"({plan.loaded_values / 1e6:.2f} M values) loaded\n{plan.summary()}")
+    if cfg.model.anchor_weights:
+        state = state_lib.load_anchor(state, shardings, cfg.model.anchor_weights)
+    return state, None
+
+
+class _Rollback:
+    """After a non-finite loss: back to the newest checkpoint taken before the offending batch (or
+    the initial state), the checkpoints after it deleted, that batch skipped from now on."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, mesh: Any, shardings: Any, target: Any,
+                 ckpt: ckpt_lib.Checkpointer, train_it: Any, initial_data: dict, writer: metrics_lib.MetricsWriter,
+                 goodput: Goodput):
+        self.cfg, self.mesh, self.shardings, self.target = cfg, mesh, shardings, target
+        self.ckpt, self.train_it, self.initial_data = ckpt, train_it, initial_data
+        self.writer, self.goodput = writer, goodput
+        self.max = int(cfg.train.max_rollbacks)
+
+    def __call__(self, pos: _Position, bad_step: int, bad_index: int, step_time: float | None) -> None:
+        """Moves `pos` back; the discarded steps (x `step_time`) count as rollback time."""
+        t0 = time.perf_counter()
+        pos.rollbacks += 1
+        if pos.rollbacks > self.max:
+            raise TrainingError(f"non-finite loss at step {bad_step} (data batch {bad_index}) after "
+                                f"{self.max} rollbacks already; lower optim.lr, tighten optim.clip_norm, "
+                                f"or check the data")
+        self.ckpt.wait()
+        pos.skipped.add(bad_index)
+        good = next((s for s in reversed(self.ckpt.steps())
+                     if int(self.ckpt.data_state(s)["next_batch"]) <= bad_index), None)
+        dropped = self.ckpt.delete_after(-1 if good is None else good)
+        discarded_from = pos.step
+        if good is None:
+            pos.state, pos.step = _fresh_state(self.cfg, self.mesh, self.shardings)[0], 0
+            self.train_it.set_state(self.initial_data)
+        else:
+            restored = self.ckpt.restore(good, self.target)
+            pos.state, pos.step = restored.state, restored.step
+            self.train_it.set_state(restored.data)
+        self.writer.event(pos.step, f"non-finite loss at step {bad_step} (data batch {bad_index}): rolled back "
+                                    f"to {'checkpoint ' + str(good) if good is not None else 'the initial state'}, "
+                                    f"skipping that batch (rollback {pos.rollbacks}/{self.max})",
+                          bad_step=bad_step, bad_batch=bad_index, restored=good, deleted=dropped)
+        self.writer.reset_position(pos.step)
+        self.goodput.charge("rollback_s", time.perf_counter() - t0 + (discarded_from - pos.step) * (step_time or 0.0))
+
+
+def _startup_events(writer: metrics_lib.MetricsWriter, step: int, init_report: str | None,
+                    ckpt: ckpt_lib.Checkpointer, restored: ckpt_lib.Restored | None, mesh_shape: dict) -> None:
+    """What events.jsonl says before the first step: init_from, checkpoints set aside, the resume."""
+    if init_report:
+        writer.event(step, init_report)
     if ckpt.quarantined:
         writer.event(step, f"moved incomplete checkpoints {ckpt.quarantined} to checkpoints.incomplete/")
     for bad, reason in ckpt.damaged.items():
@@ -296,223 +295,109 @@ def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Go
         writer.event(step, f"resumed from checkpoint {restored.step} (saved on mesh "
                            f"{restored.metadata.get('mesh')}, now {mesh_shape})")
 
+
+def _stop_now(stop: StopFlag, ckpt: ckpt_lib.Checkpointer, step: int) -> bool:
+    """A graceful stop before the next step: a signal, `StopFlag.at_step`, or (multi-host) Orbax's
+    preemption notice, which all hosts see at the same step."""
+    if jax.process_count() > 1 and ckpt.manager.reached_preemption(step):
+        stop.request("preemption")
+    return stop.should_stop(step)
+
+
+def _run(cfg, workdir: Path, mesh, mesh_shape: dict, stop: StopFlag, goodput: Goodput) -> Summary:
+    tr = cfg.train
+    total, batch_size = int(tr.steps), int(tr.global_batch_size)
+    abstract, shardings = state_lib.state_shardings(cfg, mesh)
+    target = state_lib.abstract_with_shardings(abstract, shardings)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg, mesh_shape=mesh_shape,
+                                 data_hash=pipeline.dataset_hash(cfg))
+    data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                   global_batch_size=batch_size, seed=int(tr.seed))
+    train_it = pipeline.make_dataset(cfg, split="train", **data_kw)
+    initial_data = train_it.get_state()  # before a resume moves the iterator (a rollback may go back)
+    restored, init_report = ckpt.restore_latest(target), None
+    if restored is not None:
+        train_it.set_state(restored.data)
+        saved = restored.metadata.get("loop", {})
+        pos = _Position(restored.state, restored.step, int(saved.get("rollbacks", 0)),
+                        set(int(i) for i in saved.get("skipped_batches", [])))
+    else:
+        state, init_report = _fresh_state(cfg, mesh, shardings)
+        pos = _Position(state, 0)
+    if jax.process_index() == 0:  # only once the checkpoint (if any) is known to fit this config
+        (workdir / "config.json").write_text(json.dumps(config_to_json_dict(cfg), indent=2, sort_keys=True))
+    writer = metrics_lib.MetricsWriter(workdir, total, pos.step)
+    _startup_events(writer, pos.step, init_report, ckpt, restored, mesh_shape)
+
     train_step = step_lib.make_train_step(cfg, mesh, shardings)
-    eval_step = step_lib.make_eval_step(cfg, mesh, shardings) if tr.eval_every > 0 else None
     bshard = step_lib.batch_shardings(cfg, mesh)
-    heldout_it = (pipeline.make_dataset(cfg, split="heldout", **data_kw) if eval_step else None)
-    heldout_start = heldout_it.get_state() if heldout_it else None
-    cabin_sets = _cabin_eval_sets(cfg) if eval_step else None
-    flops = model_flops_per_sample(cfg)
-    devices = jax.devices()
-
-    ids_log = None
-    if tr.log_sample_ids:
-        (workdir / "sample_ids").mkdir(exist_ok=True)
-        ids_log = open(workdir / "sample_ids" / f"p{jax.process_index()}.jsonl", "a", buffering=1)
-    window = _Window()
-    compile_s, compiled = 0.0, False
-    first_loss = last_loss = None
-    last_eval: dict = {}
-    rate = (None, None)
-    restored_from = restored.step if restored is not None else None
-    profiling = False
-    preempted = False
-
-    def save(at: int, force: bool) -> bool:
-        loop_state["skipped_batches"] = sorted(skipped)
-        jax.block_until_ready(state)  # see `_fetch`: no host copy of values still being computed
-        return ckpt.save(at, state, train_it.get_state(), dict(loop_state), force=force)
-
-    def rollback(bad_step: int, bad_index: int):
-        t_rollback = time.perf_counter()
-        loop_state["rollbacks"] += 1
-        if loop_state["rollbacks"] > int(tr.max_rollbacks):
-            raise TrainingError(f"non-finite loss at step {bad_step} (data batch {bad_index}) after "
-                                f"{tr.max_rollbacks} rollbacks already; lower optim.lr, tighten "
-                                f"optim.clip_norm, or check the data")
-        ckpt.wait()
-        skipped.add(bad_index)
-        good = None
-        for s in reversed(ckpt.steps()):  # newest checkpoint taken before the bad batch
-            if int(ckpt.data_state(s)["next_batch"]) <= bad_index:
-                good = s
-                break
-        dropped = ckpt.delete_after(-1 if good is None else good)
-        if good is None:
-            new_state, new_step = fresh_state(), 0
-            train_it.set_state(initial_data_state)
-        else:
-            r = ckpt.restore(good, target)
-            new_state, new_step = r.state, r.step
-            train_it.set_state(r.data)
-        writer.event(new_step, f"non-finite loss at step {bad_step} (data batch {bad_index}): rolled back "
-                               f"to {'checkpoint ' + str(good) if good is not None else 'the initial state'}, "
-                               f"skipping that batch (rollback {loop_state['rollbacks']}/{tr.max_rollbacks})",
-                     bad_step=bad_step, bad_batch=bad_index, restored=good, deleted=dropped)
-        writer.reset_position(new_step)
-        goodput.rollback_s += time.perf_counter() - t_rollback + (step - new_step) * (rate[0] or 0.0)
-        return new_state, new_step
-
+    evaluate = (periodic.Evaluate(cfg, step_lib.make_eval_step(cfg, mesh, shardings),
+                                  pipeline.make_dataset(cfg, split="heldout", **data_kw), bshard, goodput)
+                if tr.eval_every > 0 else None)
+    window = periodic.Window()
+    feed = _Feed(cfg, train_it, bshard, workdir, window, goodput)
+    profile = periodic.Profile(workdir / "profile", tr.profile_start, tr.profile_steps,
+                               enabled=jax.process_index() == 0)
+    log = periodic.Log(writer, window, batch_size=batch_size, flops=model_flops_per_sample(cfg),
+                       devices=jax.devices(), evaluate=evaluate)
+    save = periodic.Save(ckpt, window, goodput)
+    rollback = _Rollback(cfg, mesh, shardings, target, ckpt, train_it, initial_data, writer, goodput)
+    compile_s = None  # of the train step, compiled before the first step this call runs
     try:
-        while step < total:
-            if jax.process_count() > 1 and ckpt.manager.reached_preemption(step):  # all hosts agree
-                stop.request("preemption")
-            if stop.should_stop(step):
-                preempted = True
-                break
-            t0 = time.perf_counter()
-            if not compiled:
-                goodput.startup_s = t0 - goodput.start
-            index = int(train_it.get_state()["next_batch"])
-            batch = next(train_it)
-            if index in skipped:
+        while pos.step < total and not _stop_now(stop, ckpt, pos.step):
+            if compile_s is None:
+                goodput.startup_s = time.perf_counter() - goodput.start
+            fed = feed.next(pos.step, pos.skipped)
+            if fed is None:  # a batch an earlier rollback skips
                 continue
-            if ids_log is not None:
-                ids_log.write(json.dumps({"step": step + 1, "batch": index,
-                                          "sample_id": np.asarray(batch["sample_id"]).tolist()}) + "\n")
-            if index == int(tr.inject_nan_batch):
-                batch = _poison(batch)
-            device_batch = step_lib.device_batch(batch, bshard, batch_size)
-            t1 = time.perf_counter()
-            window.data_s += t1 - t0
-            goodput.data_wait_s += t1 - t0
-
-            if tr.profile_steps > 0 and step == int(tr.profile_start) and jax.process_index() == 0:
-                jax.profiler.start_trace(str(workdir / "profile"))
-                profiling = True
-            if not compiled:  # compile before the first step, and start it on all processes together
-                train_step = train_step.lower(state, device_batch).compile()
-                barrier.wait_for_all_processes(f"train-step-compiled-{step}")
-                compiled, compile_s = True, time.perf_counter() - t1
+            index, batch = fed
+            profile.before_step(pos.step)
+            if compile_s is None:  # ahead of the first step, so that its time is not step time
+                train_step, compile_s = periodic.compile_for(train_step, (pos.state, batch),
+                                                             f"train-step-compiled-{pos.step}")
                 window.excluded_s += compile_s
-                goodput.compile_s = compile_s
-                t1 = time.perf_counter()
-            state, metrics = train_step(state, device_batch)
-            step += 1
-            window.entries.append((step, index, metrics))
+                goodput.charge("compile_s", compile_s)
+            pos.state, metrics = train_step(pos.state, batch)
+            pos.step += 1
+            window.add(pos.step, index, metrics)
             writer.advance()
-            if profiling and step >= int(tr.profile_start) + int(tr.profile_steps):
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                profiling = False
-
-            # The first step of a fresh run is logged too: it is the loss at initialisation.
-            log_now = step % int(tr.log_every) == 0 or step == total or step == 1
-            save_now = ckpt.should_save(step)
+            profile.after_step(pos.step, pos.state)
+            log_now = periodic.log_due(pos.step, int(tr.log_every), total)
+            save_now = ckpt.should_save(pos.step)
             if not (log_now or save_now):
                 continue
-            bad = window.first_non_finite()
+            bad = window.first_non_finite()  # the one sync of a window, before anything is kept
             if bad is not None:
-                state, step = rollback(*bad)
+                rollback(pos, *bad, step_time=log.rate[0])
                 window.reset()
                 continue
             if log_now:
-                scalars, rate = _log_scalars(window, batch_size, flops, devices)
-                if tr.eval_every > 0 and (step % int(tr.eval_every) == 0 or step == total):
-                    t_eval = time.perf_counter()
-                    if not isinstance(eval_step, jax.stages.Compiled):  # as for the train step
-                        eval_step = eval_step.lower(state, device_batch).compile()
-                        barrier.wait_for_all_processes(f"eval-step-compiled-{step}")
-                    last_eval = _evaluate(eval_step, state, heldout_it, heldout_start, bshard, batch_size,
-                                          int(tr.eval_batches))
-                    if cabin_sets is not None:
-                        last_eval.update(_evaluate_cabin(cfg, state, *cabin_sets))
-                    scalars.update({f"eval/{k}": v for k, v in last_eval.items()})
-                    scalars["eval_time_s"] = time.perf_counter() - t_eval
-                    goodput.eval_s += scalars["eval_time_s"]
-                first_loss = scalars["loss"] if first_loss is None else first_loss
-                last_loss = scalars["loss"]
-                writer.write(step, scalars, CONSOLE_KEYS)
-                window.reset()
+                log(pos.step, pos.state, batch)
             if save_now:
-                t_save = time.perf_counter()
-                save(step, force=True)
-                window.save_s += time.perf_counter() - t_save  # the loop's blocking part only
-                window.excluded_s += time.perf_counter() - t_save
-                goodput.checkpoint_s += time.perf_counter() - t_save
-        if profiling:
-            jax.profiler.stop_trace()
+                save(pos.step, pos.state, train_it.get_state(), pos.bookkeeping())
+        preempted = pos.step < total  # the loop only ends early through a stop
+        profile.stop()
         # Final (or preemption) checkpoint: check the last steps first, never save a refused update.
         bad = window.first_non_finite()
         if bad is not None:  # only when stopped mid-window: go back to the last good state
-            state, step = rollback(*bad)
-        t_save = time.perf_counter()
-        saved = save(step, force=True)  # False when the policy already saved this step
-        ckpt.wait()
-        goodput.checkpoint_s += time.perf_counter() - t_save
+            rollback(pos, *bad, step_time=log.rate[0])
+        saved = save(pos.step, pos.state, train_it.get_state(), pos.bookkeeping())  # False: saved already
+        save.wait()
         if preempted:
-            writer.event(step, f"preempted ({stop.reason}): checkpoint at step {step} on disk", reason=stop.reason)
+            writer.event(pos.step, f"preempted ({stop.reason}): checkpoint at step {pos.step} on disk",
+                         reason=stop.reason)
         elif saved:
-            writer.event(step, "final checkpoint saved", reason="end")
-        spent = goodput.report()
-        writer.event(step, f"goodput {spent['goodput']:.1%} of {spent['total_s']:.0f} s (startup "
-                           f"{spent['startup_s']:.0f} s, compile {spent['compile_s']:.0f} s, data wait "
-                           f"{spent['data_wait_s']:.0f} s, checkpoints {spent['checkpoint_s']:.1f} s, eval "
-                           f"{spent['eval_s']:.0f} s, rollbacks {spent['rollback_s']:.1f} s)", **spent)
+            writer.event(pos.step, "final checkpoint saved", reason="end")
+        text, spent = goodput.event()
+        writer.event(pos.step, text, **spent)
     finally:
         ckpt.close()
         writer.close()
-        if ids_log is not None:
-            ids_log.close()
-        for it in (train_it, heldout_it):
+        feed.close()
+        for it in (train_it, evaluate.heldout_it if evaluate is not None else None):
             if it is not None and hasattr(it, "close"):
                 it.close()
-    return Summary(step=step, first_loss=first_loss, last_loss=last_loss, eval=last_eval, preempted=preempted,
-                   stop_reason=stop.reason if preempted else "", rollbacks=int(loop_state["rollbacks"]),
-                   restored_from=restored_from, compile_s=compile_s,
-                   step_time_s=rate[0], samples_per_s=rate[1], goodput=goodput.report())
-
-
-def _log_scalars(window: _Window, batch_size: int, flops: float,
-                 devices: list) -> tuple[dict[str, float], tuple[float | None, float | None]]:
-    """Mean metrics of the window (the one device→host sync) plus timings, MFU and memory."""
-    scalars = _mean_metrics([m for _, _, m in window.entries])
-    elapsed = time.perf_counter() - window.start
-    n = len(window.entries)
-    busy = max(elapsed - window.excluded_s, 1e-9)
-    step_time = busy / n
-    samples_per_s = batch_size * n / busy
-    scalars.pop("finite", None)
-    scalars.update(step_time_s=step_time, samples_per_s=samples_per_s,
-                   data_wait_fraction=min(window.data_s / busy, 1.0))
-    if window.excluded_s - window.save_s > 0:
-        scalars["compile_s"] = window.excluded_s - window.save_s
-    if window.save_s:
-        scalars["checkpoint_blocked_s"] = window.save_s
-    utilisation = metrics_lib.mfu(flops, samples_per_s, devices)
-    if utilisation is not None:
-        scalars["mfu"] = utilisation
-    scalars.update(metrics_lib.memory_stats(jax.local_devices()))
-    return scalars, (step_time, samples_per_s)
-
-
-def _evaluate(eval_step, state, heldout_it, heldout_start: dict, bshard: dict, batch_size: int,
-              num_batches: int) -> dict[str, float]:
-    """Mean loss terms over the first `num_batches` heldout batches (the same ones every time)."""
-    heldout_it.set_state(heldout_start)
-    outs = []
-    for _ in range(num_batches):
-        outs.append(eval_step(state, step_lib.device_batch(next(heldout_it), bshard, batch_size)))
-    host = _fetch(outs)
-    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-
-
-def _cabin_eval_sets(cfg: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]] | None:
-    """(heldout VLA turns, heldout video/speech-text pairs) of the periodic cabin evaluation, made
-    once per run (the same samples at every evaluation), or None when it is off."""
-    n = int(cfg.train.eval_cabin_samples)
-    if n == 0:
-        return None
-    pairs = [s for kind in ("video_text", "speech_text")
-             for s in cabin_eval.eval_samples(cfg, max(n // 4, 1), kind=kind)]
-    return cabin_eval.eval_samples(cfg, n), pairs
-
-
-def _evaluate_cabin(cfg: ml_collections.ConfigDict, state, samples: list[dict],
-                    retrieval_samples: list[dict]) -> dict[str, float]:
-    """The proposal's metrics (DESIGN §6) of the current params: sampled actions executed in the
-    cabin simulator, explanation overlap, cross-modal retrieval; flat, without the "eval/" prefix."""
-    results = cabin_eval.evaluate_model(state.trainable, state.frozen, cfg, samples,
-                                        batch_size=min(32, len(samples)),
-                                        retrieval_samples=retrieval_samples, num_failures=0)
-    return cabin_report.scalars(results, prefix="")
+    return Summary(step=pos.step, first_loss=log.first_loss, last_loss=log.last_loss, eval=log.last_eval,
+                   preempted=preempted, stop_reason=stop.reason if preempted else "", rollbacks=pos.rollbacks,
+                   restored_from=restored.step if restored is not None else None, compile_s=compile_s or 0.0,
+                   step_time_s=log.rate[0], samples_per_s=log.rate[1], goodput=goodput.report())
