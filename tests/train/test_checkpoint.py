@@ -208,3 +208,39 @@ def test_unverified_unreadable_checkpoint_falls_back_and_all_damaged_is_an_error
     assert len(list((tmp_path / "ckpt.damaged").iterdir())) == 2
     with pytest.raises(ckpt_lib.CheckpointError, match="no complete checkpoint"):
         ckpt_lib.read_metadata(tmp_path / "ckpt")
+
+
+def test_every_reader_finds_the_same_newest_complete_step_and_refuses_it_damaged(tmp_path):
+    """The trainer's metadata reader, train.init_from, evaluation's restore and the export all find
+    steps through `complete_steps`: a newer step killed midway is passed over by each, and a
+    damaged newest step is refused by those that verify, each with its one line."""
+    from vlacabin_jax.export import source
+    from vlacabin_jax.train import init_from, restore
+
+    state, _ = _state(_mesh((8, 1, 1)))
+    ckpts = tmp_path / "ckpt"
+    _saved_steps(ckpts, (4, 8), state)
+    shutil.copytree(ckpts / "8" / "state", ckpts / "9" / "state")  # a save killed midway (no marker)
+    (ckpts / "notes").mkdir()
+    assert ckpt_lib.saved_steps(ckpts) == [4, 8, 9] and ckpt_lib.complete_steps(ckpts) == [4, 8]
+    assert ckpt_lib.newest_complete_step(ckpts) == 8 and ckpt_lib.newest_complete_step(tmp_path / "none") is None
+    assert ckpt_lib.missing_parts(ckpts / "9") == ["_CHECKPOINT_METADATA (save never finished)", "data", "config",
+                                                   "metadata"]
+    assert ckpt_lib.read_metadata(ckpts)["step"] == 8
+    assert init_from._state_item(ckpts) == ckpt_lib.state_item(ckpts, 8) == (ckpts / "8" / "state").absolute()
+    assert restore.find_checkpoint_item(ckpts) == ckpts / "8" / "state"
+    assert source.resolve_step_dir(ckpts) == ckpts / "8"
+    with pytest.raises(source.ExportInputError, match=r"checkpoint .*/9 is incomplete: missing _CHECKPOINT_METADATA"):
+        source.resolve_step_dir(ckpts / "9")
+
+    _flip_bit(_largest_file(ckpts / "8"))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"^train.init_from=.*: checkpoint 8 is damaged \(file state/"):
+        init_from._state_item(ckpts)
+    with pytest.raises(source.ExportInputError, match=r"^checkpoint .*/8 is damaged: file state/"):
+        source.resolve_step_dir(ckpts)
+    shutil.rmtree(ckpts / "4")
+    shutil.rmtree(ckpts / "8")
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"^train.init_from=.*: no complete checkpoint there"):
+        init_from._state_item(ckpts)
+    with pytest.raises(source.ExportInputError, match=r"^no complete checkpoint in .* \(incomplete steps: \[9\]\)"):
+        source.resolve_step_dir(ckpts)

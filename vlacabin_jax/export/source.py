@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-CHECKPOINT_ITEMS = ("state", "config", "metadata")
+CHECKPOINT_ITEMS = ("state", "config", "metadata")  # what an export reads (not the data iterator)
 
 
 class ExportInputError(ValueError):
@@ -48,34 +48,28 @@ class ExportSource:
     provenance: dict
 
 
-def _complete(step_dir: Path) -> list[str]:
-    """What a step directory lacks to be a complete checkpoint (empty: complete)."""
-    missing = [] if (step_dir / "_CHECKPOINT_METADATA").is_file() else ["_CHECKPOINT_METADATA (save never finished)"]
-    missing += [item for item in CHECKPOINT_ITEMS
-                if not (step_dir / item).is_dir() or not any((step_dir / item).iterdir())]
-    return missing
-
-
 def resolve_step_dir(path: str | Path) -> Path:
     """A checkpoints directory (→ its newest complete step) or one step directory (must be complete)."""
+    from vlacabin_jax.train import checkpoint as ckpt_lib  # the trainer owns the format
+
     path = Path(path)
     if not path.exists():
         raise ExportInputError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise ExportInputError(f"checkpoint {path} is a file; pass a checkpoints/ directory or one of its "
                                "step directories")
-    if path.name.isdigit() and ((path / "state").exists() or (path / "_CHECKPOINT_METADATA").exists()):
-        missing = _complete(path)
+    if path.name.isdecimal() and ((path / "state").exists() or (path / ckpt_lib.COMMIT_MARKER).exists()):
+        missing = ckpt_lib.missing_parts(path, CHECKPOINT_ITEMS)
         if missing:
             raise ExportInputError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
         return _verified(path)
-    steps = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()))
-    complete = [s for s in steps if not _complete(path / str(s))]
-    if not complete:
+    newest = ckpt_lib.newest_complete_step(path, CHECKPOINT_ITEMS)
+    if newest is None:
+        steps = ckpt_lib.saved_steps(path)
         detail = f" (incomplete steps: {steps})" if steps else ""
         raise ExportInputError(f"no complete checkpoint in {path}{detail}; pass <workdir>/checkpoints of a run "
                                "that saved at least once")
-    return _verified(path / str(complete[-1]))
+    return _verified(path / str(newest))
 
 
 def _verified(step_dir: Path) -> Path:

@@ -9,6 +9,8 @@
       .delete_after(step)                     -> drop checkpoints newer than `step` (rollback)
       .wait() / .close()
     read_metadata(directory, step=None)      -> the metadata JSON of a checkpoint (for export/eval)
+    saved_steps / complete_steps / newest_complete_step(directory) -> the steps on disk (all readers)
+    missing_parts(step_dir) / is_complete(step_dir) / state_item(directory, step)
 
 Items (Orbax `Composite`): `state` — the TrainState in Orbax's standard PyTree format (readable
 with `ocp.StandardCheckpointer`; restored onto the *current* mesh through the target's shardings,
@@ -143,11 +145,52 @@ def checksum_problem(step_dir: Path) -> str | None:
     return None
 
 
-def _is_complete(step_dir: Path) -> bool:
-    """Orbax finalised every item (markers written last, after the data)."""
-    if not (step_dir / "_CHECKPOINT_METADATA").is_file():
+# ------------------------------------------------------------------------ finding saved steps
+# The one place that says which step directories hold a usable checkpoint; the trainer, init_from,
+# evaluation (`restore.py`) and export (`export/source.py`) all go through these.
+COMMIT_MARKER = "_CHECKPOINT_METADATA"  # Orbax writes it last, once every item is on disk
+
+
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The numbered step directories under `directory`, complete or not, ascending ([] if it is
+    not a directory)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdecimal())
+
+
+def missing_parts(step_dir: str | os.PathLike, items: tuple[str, ...] = ITEMS) -> list[str]:
+    """What `step_dir` lacks to be a complete checkpoint of `items` (empty: complete): Orbax's
+    commit marker, or an item directory that is missing or empty."""
+    step_dir = Path(step_dir)
+    missing = [] if (step_dir / COMMIT_MARKER).is_file() else [f"{COMMIT_MARKER} (save never finished)"]
+    return missing + [item for item in items if not (step_dir / item).is_dir() or not any((step_dir / item).iterdir())]
+
+
+def is_complete(step_dir: str | os.PathLike, items: tuple[str, ...] = ITEMS) -> bool:
+    """Orbax finalised the step and every one of `items` (markers written last, after the data)."""
+    step_dir = Path(step_dir)
+    if not (step_dir / COMMIT_MARKER).is_file():  # the cheap test first: this runs at every save
         return False
-    return all((step_dir / item).is_dir() and any((step_dir / item).iterdir()) for item in ITEMS)
+    return not missing_parts(step_dir, items)
+
+
+def complete_steps(directory: str | os.PathLike, items: tuple[str, ...] = ITEMS) -> list[int]:
+    """The steps under `directory` that are complete checkpoints of `items`, ascending."""
+    return [s for s in saved_steps(directory) if is_complete(Path(directory) / str(s), items)]
+
+
+def newest_complete_step(directory: str | os.PathLike, items: tuple[str, ...] = ITEMS) -> int | None:
+    """The newest complete step under `directory`, or None. Checksums are not checked here (see
+    `checksum_problem`): each reader refuses a damaged step in its own words."""
+    steps = complete_steps(directory, items)
+    return steps[-1] if steps else None
+
+
+def state_item(directory: str | os.PathLike, step: int) -> Path:
+    """The absolute path of step `step`'s train state item (Orbax refuses relative paths)."""
+    return Path(directory).absolute() / str(step) / "state"
 
 
 def _move_aside(step_dir: Path, kind: str) -> None:
@@ -168,11 +211,8 @@ def quarantine(directory: Path, verify: bool) -> tuple[list[int], dict[int, str]
     """
     incomplete, damaged, good = [], {}, None
     if directory.is_dir():
-        steps = sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
-        for step in steps:
-            step_dir = directory / str(step)
-            if not _is_complete(step_dir):
-                incomplete.append(step)
+        steps = saved_steps(directory)[::-1]
+        incomplete = [step for step in steps if not is_complete(directory / str(step))]
         for step in (s for s in steps if s not in incomplete) if verify else ():
             problem = checksum_problem(directory / str(step))
             if problem is None:
@@ -292,7 +332,7 @@ class Checkpointer:
         text = " ".join(str(error).split())
         if len(text) > 300:  # storage errors end with the cause ("No space left on device")
             text = f"{text[:120]} ... {text[-160:]}"
-        complete = [s for s in self.steps() if _is_complete(self.directory / str(s))]
+        complete = [s for s in self.steps() if is_complete(self.directory / str(s))]
         newest = f"step {complete[-1]}" if complete else "none"
         return SaveError(f"writing a checkpoint to {self.directory} failed ({type(error).__name__}: {text}); "
                          f"the newest complete checkpoint ({newest}) is intact: free space there (or fix the "
@@ -301,7 +341,7 @@ class Checkpointer:
     def _hash_finished(self) -> None:
         """Queues the checksums of this run's saves that Orbax has finished (primary process)."""
         for step in sorted(self._unhashed):
-            if _is_complete(self.directory / str(step)):
+            if is_complete(self.directory / str(step)):
                 self._unhashed.discard(step)
                 self._hashing.append(self._hasher.submit(write_checksums, self.directory / str(step)))
 
@@ -452,8 +492,8 @@ def compatibility_problems(saved_config: dict, saved_meta: dict, config: dict, s
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The metadata JSON of checkpoint `step` (default: the newest complete one) of `directory`."""
     directory = Path(directory)
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_complete(p))
-    if not steps:
+    newest = newest_complete_step(directory)
+    if newest is None:
         raise CheckpointError(f"{directory}: no complete checkpoint")
-    step = steps[-1] if step is None else step
+    step = newest if step is None else step
     return json.loads((directory / str(step) / "metadata" / "metadata").read_text())

@@ -26,7 +26,8 @@ from etils import epath
 
 from vlacabin_jax.model import functional
 from vlacabin_jax.model.lora import ADAPTER_NAMES
-from vlacabin_jax.train.checkpoint import CheckpointError, _is_complete, checksum_problem
+from vlacabin_jax.train import checkpoint as ckpt_lib
+from vlacabin_jax.train.checkpoint import CheckpointError
 
 GROUPS = ("trainable", "frozen")
 Path_ = tuple[str, ...]
@@ -102,15 +103,15 @@ def plan(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) 
 def _state_item(directory: str | os.PathLike) -> Path:
     """The `state` item of the newest complete checkpoint in a run's checkpoints/ directory."""
     d = Path(directory).absolute()
-    steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and _is_complete(p)) if d.is_dir() else []
-    if not steps:
+    step = ckpt_lib.newest_complete_step(d)
+    if step is None:
         raise CheckpointError(f"train.init_from={d}: no complete checkpoint there; point it at the "
                               f"checkpoints/ directory of a finished run")
-    problem = checksum_problem(d / str(steps[-1]))
+    problem = ckpt_lib.checksum_problem(d / str(step))
     if problem is not None:
-        raise CheckpointError(f"train.init_from={d}: checkpoint {steps[-1]} is damaged ({problem}); point it "
+        raise CheckpointError(f"train.init_from={d}: checkpoint {step} is damaged ({problem}); point it "
                               f"at a good checkpoint")
-    return d / str(steps[-1]) / "state"
+    return ckpt_lib.state_item(d, step)
 
 
 def _nest(flat: dict[str, Any]) -> dict:

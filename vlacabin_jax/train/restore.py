@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,10 +30,6 @@ class RestoreError(ValueError):
     """A checkpoint path, step or param tree that cannot be used (one line)."""
 
 
-def _steps(path: Path) -> list[int]:
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
-
-
 def _is_pytree_item(path: Path) -> bool:
     return (path / "_METADATA").exists() or (path / "manifest.ocdbt").exists()
 
@@ -44,12 +39,14 @@ def find_checkpoint_item(path: str | os.PathLike, step: int | None = None) -> Pa
 
     Absolute because Orbax refuses relative paths ("Checkpoint path should be absolute").
     """
+    from vlacabin_jax.train import checkpoint as ckpt_lib  # imports JAX: not before a path is asked for
+
     p = Path(path).absolute()
     if not p.is_dir():
         raise RestoreError(f"--checkpoint: no such directory {path}")
-    steps = _steps(p)
-    # A step directory is finished once Orbax wrote its marker (the trainer's own test, too).
-    steps = [s for s in steps if (p / str(s) / "_CHECKPOINT_METADATA").exists()] or steps
+    # A step is finished once Orbax wrote its commit marker, whatever its items are (any Orbax
+    # checkpoint manager's directory, not only the trainer's); without markers, every step counts.
+    steps = ckpt_lib.complete_steps(p, items=()) or ckpt_lib.saved_steps(p)
     if steps:
         if step is not None and step not in steps:
             raise RestoreError(f"--checkpoint: step {step} not in {path} (steps: {steps})")
