@@ -3,7 +3,7 @@
 import os
 
 from vlacabin_jax.local_launch import process_env
-from tools.mesh_bench import worker_env
+from vlacabin_jax.perf.bench.common import worker_env
 from vlacabin_jax.xla_cpu import MEMORY_SCHEDULER, with_cpu_flags
 
 

@@ -140,7 +140,7 @@ def _row(fits=True) -> dict:
 
 
 def test_rows_print_the_verdict_and_write_json_and_png(tmp_path):
-    from tools.mesh_bench_aot import row_lines
+    from vlacabin_jax.perf.bench.deviceless import row_lines
 
     text = "\n".join(row_lines(_row()))
     assert "40.0 GiB of 60.0 usable" in text and "FITS" in text and "reduce-scatter" in text

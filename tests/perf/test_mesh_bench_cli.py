@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tools import mesh_bench
+from vlacabin_jax.perf.bench import common
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -25,11 +26,11 @@ def test_bad_input_is_one_error_line(argv, message, capsys, tmp_path):
 
 def test_worker_env_sets_devices_and_cpu_timeouts(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x")
-    env = mesh_bench.worker_env(4, "/tmp/cache")
+    env = common.worker_env(4, "/tmp/cache")
     flags = env["XLA_FLAGS"].split()
     assert "--xla_force_host_platform_device_count=4" in flags and "--xla_dump_to=/tmp/x" in flags
     assert "--xla_force_host_platform_device_count=8" not in flags
-    assert all(f in flags for f in mesh_bench.CPU_FLAGS) and env["MESH_BENCH_CACHE"] == "/tmp/cache"
+    assert all(f in flags for f in common.CPU_FLAGS) and env["MESH_BENCH_CACHE"] == "/tmp/cache"
 
 
 def test_torch_training_loss_trains_only_the_trainable_part():
@@ -64,11 +65,11 @@ def test_autoregressive_head_is_sized_like_the_dnfm():
 def test_failure_line_prefers_the_fatal_log_line_over_stack_frames():
     stderr = ("W0000 noise\nF1201 00:01:02 12 cpu_collectives.cc:99] Termination timeout of 10 s exceeded\n"
               "*** Check failure stack trace: ***\n    @     0x7f00 (unknown)\n")
-    assert "Termination timeout" in mesh_bench._failure_line(stderr, -6)
-    assert mesh_bench._failure_line("", -9) == "exit code -9"
+    assert "Termination timeout" in common.failure_line(stderr, -6)
+    assert common.failure_line("", -9) == "exit code -9"
     long = ("F1201 cpu_collectives.cc:99] Termination timeout for `all gather RendezvousKey{" + "x" * 400
             + "}` exceeded. Expected 2 threads to join the rendezvous, but only 1 of them arrived on time.")
-    line = mesh_bench._failure_line(long, -6)
+    line = common.failure_line(long, -6)
     assert len(line) <= 300 and "Termination timeout" in line and line.endswith("arrived on time.")
 
 
@@ -89,7 +90,7 @@ def test_a_mesh_that_compiles_but_deadlocks_keeps_its_compiled_figures(monkeypat
 
     import matplotlib.pyplot  # noqa: F401 - a cold font cache runs fc-list through the subprocess.run faked below
 
-    from tools.mesh_bench_modes import sweep_table
+    from vlacabin_jax.perf.bench.meshes import sweep_table
 
     compiled = {"compile_s": 612.0, "compile_cache_hit": False, "memory": {"peak_bytes": 300 * 2**20},
                 "hlo_flops": 1e12, "collectives": [{"kind": "all-reduce", "bytes": 2e6, "count": 3, "group_size": 2,
@@ -98,13 +99,13 @@ def test_a_mesh_that_compiles_but_deadlocks_keeps_its_compiled_figures(monkeypat
 
     def deadlocking_worker(cmd, **kwargs):
         attempts.append(cmd)
-        stdout = "loading\n" + mesh_bench.COMPILED_PREFIX + json.dumps(compiled) + "\n"
+        stdout = "loading\n" + common.COMPILED_PREFIX + json.dumps(compiled) + "\n"
         if len(attempts) == 2:  # the second attempt is killed before it prints its analysis
             raise subprocess.TimeoutExpired(cmd, 5.0, output=b"loading\n")
         return subprocess.CompletedProcess(cmd, -6, stdout, "F1201 cpu_collectives.cc:99] Termination timeout\n")
 
-    monkeypatch.setattr(mesh_bench.subprocess, "run", deadlocking_worker)
-    result = mesh_bench.run_worker(["--mesh", "2x2x2"], 8, "none", 5.0, 2, "small 2x2x2")
+    monkeypatch.setattr(common.subprocess, "run", deadlocking_worker)
+    result = common.run_worker(["--mesh", "2x2x2"], 8, "none", 5.0, 2, "small 2x2x2")
     assert len(attempts) == 3 and result["attempts"] == 3 and "Termination timeout" in result["error"]
     assert result["compiled"] == compiled
     row = {**result, "mesh": "2x2x2", "analytic_bytes": {"all-reduce": 4e6}}

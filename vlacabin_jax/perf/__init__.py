@@ -6,4 +6,6 @@
   projection.py   step time of a measured step projected to a GPU cluster (NVLink + InfiniBand)
   torch_train.py  a training loss on the PyTorch export mirror (the JAX/PyTorch comparison)
   autoregressive.py  an autoregressive action head on the same backbone (the DNFM latency baseline)
+  aot.py          the trainer's programs compiled for absent GPUs / TPU slices (deviceless AOT)
+  bench/          the benchmark engine: one entry function per mode, the worker subprocesses
 """

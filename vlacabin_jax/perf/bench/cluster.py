@@ -1,19 +1,20 @@
-"""`python -m tools.mesh_bench --project`: 16 nodes x 8 A100 at 200 and 400 Gb/s InfiniBand.
+"""The projection of the benchmark: 16 nodes x 8 A100 at 200 and 400 Gb/s InfiniBand.
 
-Per config (`--configs`) and cluster layout, the projected step time and scaling efficiency, from the
-HLO collectives a sweep measured on the matching 8-device mesh (`--sweeps`) where there is one, else
-from the analytic minimum. Prints a table; writes `projection.json` and `projection.png` to `--out`.
+    project(config, configs, out, sweeps=...)  -> exit code; prints a table, writes projection.json, .png
+
+Per config variant and cluster layout, the projected step time and scaling efficiency, from the HLO
+collectives a sweep measured on the matching 8-device mesh (`sweeps`) where there is one, else from
+the analytic minimum (the model itself is `vlacabin_jax/perf/projection.py`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
-from tools.mesh_bench import BenchError, load_config, parse_mesh
-from tools.mesh_bench_modes import AXES, _write, compiled_view
+from vlacabin_jax.perf.bench.common import AXES, BenchError, compiled_view, load_config, parse_mesh, write
 
 # Cluster layouts of 128 GPUs and the 8-device mesh whose measured collectives stand in for them
 # (the same axes are sharded, so the same collectives run over larger groups).
@@ -42,21 +43,23 @@ def _sweeps(paths: str | None) -> dict[str, dict]:
     return found
 
 
-def project(args: argparse.Namespace) -> int:
+def project(config: str, configs: str, out: str | Path, overrides: Sequence[str] = (), sweeps: str | None = None,
+            mfu_assumed: float = 0.4) -> int:
     """16 nodes x 8 A100 at 200 and 400 Gb/s: projected step time and scaling efficiency per layout,
-    from measured HLO collectives (`--sweeps`) where there are some, else the analytic minimum."""
+    from measured HLO collectives (`sweeps`: comma-separated sweep --out directories) where there
+    are some, else the analytic minimum. `config`'s file supplies the variants `configs` ("tiny,small")."""
     from vlacabin_jax.model.flops import model_flops_per_sample
     from vlacabin_jax.perf import analytic, projection
 
-    sweeps = _sweeps(args.sweeps)
-    config_file = args.config.partition(":")[0]
+    found = _sweeps(sweeps)
+    config_file = config.partition(":")[0]
     rows, lines = [], []
     head = (f"{'config':9} {'layout':8} {'source':9} {'IB Gb/s':>7} {'B/dev':>5} {'compute ms':>10} "
             f"{'NVLink ms':>9} {'IB ms':>8} {'lat ms':>6} {'step ms none/full':>19} {'eff none/full':>13}")
     lines.append(head)
-    for variant in args.configs.split(","):
-        cfg = load_config(f"{config_file}:{variant}", args.override)
-        sweep_payload = sweeps.get(variant)
+    for variant in configs.split(","):
+        cfg = load_config(f"{config_file}:{variant}", overrides)
+        sweep_payload = found.get(variant)
         per_device = (sweep_payload["global_batch"] // 8 if sweep_payload
                       else int(cfg.train.global_batch_size) // projection.Cluster().size)
         per_device = max(per_device, 1)
@@ -77,7 +80,7 @@ def project(args: argparse.Namespace) -> int:
             for ib in (200.0, 400.0):
                 cluster = projection.Cluster(ib_Gbps=ib)
                 compute = projection.compute_seconds(model_flops_per_sample(cfg) * per_device, cluster,
-                                                     args.mfu_assumed)
+                                                     mfu_assumed)
                 p = projection.project(compute, traffic, layout, cluster)
                 rows.append({"config": variant, "layout": layout_name, "source": source, "ib_Gbps": ib,
                              "per_device_batch": per_device, "compute_s": p.compute_s, "nvlink_s": p.nvlink_s,
@@ -91,15 +94,15 @@ def project(args: argparse.Namespace) -> int:
                              f"{p.step_full_overlap_s * 1e3:<9.3f}"
                              f"{p.efficiency_no_overlap:6.3f}/{p.efficiency_full_overlap:<6.3f}")
     lines.append(f"16 nodes x 8 A100; compute = analytic model FLOPs per device-step at an assumed "
-                 f"{args.mfu_assumed:.0%} MFU; layouts DATAxFSDPxTENSOR; 'HLO m' = collectives measured on the "
+                 f"{mfu_assumed:.0%} MFU; layouts DATAxFSDPxTENSOR; 'HLO m' = collectives measured on the "
                  f"8-device mesh m (same sharded axes, same per-device batch), 'analytic' = the minimum of "
                  f"vlacabin_jax/perf/analytic.py. Model assumptions:")
     lines += [f"  - {a}" for a in projection.ASSUMPTIONS]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    path = _write(out, "projection.json", {"rows": rows, "assumptions": list(projection.ASSUMPTIONS),
-                                           "mfu_assumed": args.mfu_assumed, "table": text})
+    out = Path(out)
+    path = write(out, "projection.json", {"rows": rows, "assumptions": list(projection.ASSUMPTIONS),
+                                           "mfu_assumed": mfu_assumed, "table": text})
     plot_projection(rows, out / "projection.png")
     print(f"wrote {path} and {out / 'projection.png'}")
     return 0

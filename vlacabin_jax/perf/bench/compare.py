@@ -1,37 +1,36 @@
-"""The comparison modes of `python -m tools.mesh_bench`, each a ratio taken in one run:
+"""The comparison modes of the benchmark, each a ratio taken in one run:
 
-    vs_torch       (--vs-torch)       JAX train step vs the PyTorch mirror, eager and torch.compile
-    inference      (--inference)      DNFM K = 1, 2, 4, 8 vs an autoregressive head, latency at batch 1
-    compile_cache  (--compile-cache)  the train step's compile time in two processes on one fresh cache
-    flops          (--flops)          XLA's FLOPs of the lowered step vs the analytic model FLOPs
+    vs_torch(config, runner, out)       JAX train step vs the PyTorch mirror, eager and torch.compile
+    inference(config, runner, out)      DNFM K = 1, 2, 4, 8 vs an autoregressive head, latency at batch 1
+    compile_cache(config, runner, out)  the train step's compile time in two processes on one fresh cache
+    flops(config, out)                  XLA's FLOPs of the lowered step vs the analytic model FLOPs
 
-Each prints a table and writes `<mode>.json` to `--out`.
+Each prints a table, writes `<mode>.json` to `out` and returns the exit code.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
-from tools.mesh_bench import check_mesh_fits, load_config, mesh_name, parse_mesh
-from tools.mesh_bench_modes import _cache_dir, _measure, _publish
+from vlacabin_jax.perf.bench.common import Runner, check_mesh_fits, load_config, mesh_name, parse_mesh, publish
 
 
 # ------------------------------------------------------------------------------------ JAX vs PyTorch
 
 
-def vs_torch(args: argparse.Namespace) -> int:
+def vs_torch(config: str, runner: Runner, out: str | Path, mesh: str = "1x1x1") -> int:
     """Step time of the JAX trainer vs the PyTorch mirror (eager and torch.compile), one device."""
-    overrides = list(args.override)
+    overrides = list(runner.overrides)
     if not any("model.dtype" in o for o in overrides):
         # The CPU mirror computes in float32 (float16 is its GPU/TensorRT path): compare like with like.
         overrides += ["--config.model.dtype=float32", "--config.model.anchor_dtype=float32"]
-    cfg = load_config(args.config, overrides)
-    mesh = parse_mesh(args.mesh)
-    check_mesh_fits(cfg, mesh, args.cpu_devices)
-    out = Path(args.out)
-    r = _measure(args, args.config, mesh, _cache_dir(args, out), task="vs_torch", overrides=overrides)
+    cfg = load_config(config, overrides)
+    mesh_sizes = parse_mesh(mesh)
+    check_mesh_fits(cfg, mesh_sizes, runner.cpu_devices)
+    out = Path(out)
+    r = runner.measure(config, mesh_sizes, runner.cache(out), task="vs_torch", overrides=overrides)
     if "error" in r:
         print(f"vs-torch FAILED: {r['error']}")
         return 1
@@ -44,7 +43,7 @@ def vs_torch(args: argparse.Namespace) -> int:
             continue
         first = row.get("compile_s", row.get("first_s"))
         lines.append(f"{name:14} {row['median_step_s'] * 1e3:9.1f} {first:12.1f}  {jax_s / row['median_step_s']:.3f}")
-    lines.append(f"mesh {args.mesh}, global batch "
+    lines.append(f"mesh {mesh}, global batch "
                  f"{r['global_batch']}, {r['dtype']}, the same batch; steps timed round-robin; JAX/this < 1 "
                  f"means JAX is faster. JAX: the trainer's step (all loss terms, AdamW, clipping); PyTorch "
                  f"{r.get('torch_version')}: the export mirror with the loss terms "
@@ -52,17 +51,17 @@ def vs_torch(args: argparse.Namespace) -> int:
                  f"AdamW, clipping; torch.compile compiles the loss and its backward, the optimizer stays eager. "
                  f"First step = compile (JAX: lower + compile).")
     text = "\n".join(lines)
-    return _publish(out, "vs_torch.json", r, text)
+    return publish(out, "vs_torch.json", r, text)
 
 
 # ------------------------------------------------------------------------------------ inference
 
 
-def inference(args: argparse.Namespace) -> int:
+def inference(config: str, runner: Runner, out: str | Path) -> int:
     """DNFM K = 1, 2, 4, 8 against an autoregressive action head: latency per decision at batch 1."""
-    cfg = load_config(args.config, args.override)
-    out = Path(args.out)
-    r = _measure(args, args.config, (1, 1, 1), _cache_dir(args, out), task="inference")
+    cfg = load_config(config, runner.overrides)
+    out = Path(out)
+    r = runner.measure(config, (1, 1, 1), runner.cache(out), task="inference")
     if "error" in r:
         print(f"inference FAILED: {r['error']}")
         return 1
@@ -79,23 +78,23 @@ def inference(args: argparse.Namespace) -> int:
                  f"fixed buffer, no KV cache; random weights); 'vs AR' = this / autoregressive; target 30 Hz "
                  f"(<= 33 ms) for base on one GPU.")
     text = "\n".join(lines)
-    return _publish(out, "inference.json", r, text)
+    return publish(out, "inference.json", r, text)
 
 
 # ------------------------------------------------------------------------------------ compile cache
 
 
-def compile_cache(args: argparse.Namespace) -> int:
+def compile_cache(config: str, runner: Runner, out: str | Path, mesh: str = "1x1x1") -> int:
     """Two fresh processes on one new persistent cache: the train step's compile time each time."""
     import tempfile
 
-    cfg = load_config(args.config, args.override)
-    mesh = parse_mesh(args.mesh)
-    check_mesh_fits(cfg, mesh, args.cpu_devices)
-    out = Path(args.out)
+    cfg = load_config(config, runner.overrides)
+    mesh = parse_mesh(mesh)
+    check_mesh_fits(cfg, mesh, runner.cpu_devices)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = tempfile.mkdtemp(prefix="compile_cache-", dir=out)
-    runs = [_measure(args, args.config, mesh, cache, steps=1) for _ in range(2)]
+    runs = [runner.measure(config, mesh, cache, steps=1) for _ in range(2)]
     if any("error" in r for r in runs):
         print(f"compile-cache FAILED: {[r.get('error') for r in runs]}")
         return 1
@@ -106,13 +105,13 @@ def compile_cache(args: argparse.Namespace) -> int:
                      f"process {r['wall_s']:.1f} s")
     lines.append(f"  second / first = {second / first:.3f}")
     text = "\n".join(lines)
-    return _publish(out, "compile_cache.json", {"cache_dir": cache, "runs": runs}, text)
+    return publish(out, "compile_cache.json", {"cache_dir": cache, "runs": runs}, text)
 
 
 # ------------------------------------------------------------------------------------ FLOPs / MFU analysis
 
 
-def flops(args: argparse.Namespace) -> int:
+def flops(config: str, out: str | Path, overrides: Sequence[str] = (), global_batch: int = 0) -> int:
     """XLA's FLOPs of the lowered train step (unrolled layers, so every layer counts) against the
     analytic model FLOPs, with remat off and on: the recompute overhead that caps MFU, and the step
     time one GPU needs for 50% MFU. Lowering only (abstract inputs): nothing is run or compiled."""
@@ -127,11 +126,11 @@ def flops(args: argparse.Namespace) -> int:
 
     rows = []
     for remat in (False, True):
-        cfg = load_config(args.config, args.override)
+        cfg = load_config(config, overrides)
         cfg.model.remat, cfg.model.scan_layers = remat, False
         cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.tensor = 1
-        if args.global_batch:
-            cfg.train.global_batch_size = args.global_batch
+        if global_batch:
+            cfg.train.global_batch_size = global_batch
         b = int(cfg.train.global_batch_size)
         mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
         abstract, shardings = state_lib.state_shardings(cfg, mesh)
@@ -162,4 +161,4 @@ def flops(args: argparse.Namespace) -> int:
                  + ("" if device_peak else "No accelerator here: MFU itself needs a GPU/TPU run (the sweep's "
                                            "1-device row reports it there)."))
     text = "\n".join(lines)
-    return _publish(Path(args.out), "flops.json", {"config": args.config, "rows": rows}, text)
+    return publish(Path(out), "flops.json", {"config": config, "rows": rows}, text)

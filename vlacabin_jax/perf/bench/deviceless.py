@@ -1,24 +1,22 @@
-"""`python -m tools.mesh_bench --aot TARGET[,TARGET] --config PATH:VARIANT [--meshes M,M] --out DIR`:
-the trainer's programs compiled for absent GPUs / TPU slices (`vlacabin_jax.perf.aot`).
+"""The deviceless mode of the benchmark: the trainer's programs compiled for absent GPUs / TPU
+slices (`vlacabin_jax.perf.aot`).
 
-    python -m tools.mesh_bench --aot a100:16x1x8 --config configs/vla_cabin.py:a100x128 --out DIR
-    python -m tools.mesh_bench --aot tpu:v5p-128 --config configs/vla_cabin.py:a100x128 --out DIR
-    python -m tools.mesh_bench --aot h100:1x1x8,tpu:v4-8 --config configs/vla_cabin.py:tiny \\
-        --meshes 8x1x1,4x2x1 --programs train_step --out DIR
+    aot("a100:16x1x8", config, out)                       -> exit code
+    aot("h100:1x1x8,tpu:v4-8", config, out, meshes="8x1x1,4x2x1", programs="train_step")
 
 Prints per target x mesh the train step's bytes per device against the target's memory (fits or
 not), its FLOPs against `model_flops_per_sample`, its collectives by kind (unique channel ids, bytes)
 against the analytic minimum, and each program's compile time; writes `aot.json` and `aot.png`.
-Needs the extras `aot-gpu` / `aot-tpu` (README, Performance).
+Needs the extras `aot-gpu` / `aot-tpu` (docs/performance.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
-from tools.mesh_bench import BenchError, load_config, parse_mesh
+from vlacabin_jax.perf.bench.common import BenchError, load_config, parse_meshes
 
 GIB = 2**30
 
@@ -56,29 +54,32 @@ def row_lines(row: dict) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    """The --aot mode: validate everything first (one error line), then compile row by row."""
-    from vlacabin_jax.perf import aot
+def aot(targets: str, config: str, out: str | Path, overrides: Sequence[str] = (), meshes: str | None = None,
+        programs: str = "init,train_step,infer", save_hlo: bool = False) -> int:
+    """Compiles `programs` for each of `targets` ("a100:16x1x8,tpu:v5p-128") and mesh of `meshes`
+    (default: the config's mesh, filled to the target): validates everything first (one error
+    line, BenchError), then compiles row by row, writing `aot.json` after each."""
+    from vlacabin_jax.perf import aot as deviceless
 
+    out = Path(out)
     try:
-        targets = [aot.parse_target(t) for t in args.aot.split(",") if t.strip()]
-        for target in targets:
-            aot.check_plugin(target)
-        aot.prepare_host()
-        cfg = load_config(args.config, args.override)
-        meshes = [parse_mesh(m) for m in args.meshes.split(",") if m.strip()] if args.meshes else [None]
-        programs = [p.strip() for p in args.programs.split(",") if p.strip()]
-        jobs = [(t, aot.resolve_mesh(cfg, t, m)) for t in targets for m in meshes]
-        out = Path(args.out)
+        target_list = [deviceless.parse_target(t) for t in targets.split(",") if t.strip()]
+        for target in target_list:
+            deviceless.check_plugin(target)
+        deviceless.prepare_host()
+        cfg = load_config(config, overrides)
+        mesh_list = parse_meshes(meshes) if meshes else [None]
+        program_list = [p.strip() for p in programs.split(",") if p.strip()]
+        jobs = [(t, deviceless.resolve_mesh(cfg, t, m)) for t in target_list for m in mesh_list]
         rows = []
-        for target in targets:
-            devices = aot.target_devices(target)
+        for target in target_list:
+            devices = deviceless.target_devices(target)
             for t, mesh in jobs:
                 if t is not target:
                     continue
-                row = aot.compile_row(cfg, target, mesh, programs, devices, keep_hlo=args.save_hlo,
-                                      log=lambda s: print(s, file=sys.stderr, flush=True))
-                if args.save_hlo:
+                row = deviceless.compile_row(cfg, target, mesh, program_list, devices, keep_hlo=save_hlo,
+                                            log=lambda s: print(s, file=sys.stderr, flush=True))
+                if save_hlo:
                     for name, prog in row["programs"].items():
                         if "hlo" in prog:
                             path = out / "hlo" / f"{target.name.replace(':', '_')}_{row['mesh']}_{name}.txt"
@@ -86,17 +87,8 @@ def run(args: argparse.Namespace) -> int:
                             path.write_text(prog.pop("hlo"))
                 rows.append(row)
                 print("\n".join(row_lines(row)), flush=True)
-                aot.write_results(out, rows, args.config)  # after every row: a later crash keeps the earlier
-    except aot.AotError as e:
+                deviceless.write_results(out, rows, config)  # after every row: a later crash keeps the earlier
+    except deviceless.AotError as e:
         raise BenchError(str(e)) from None
     print(f"wrote {out / 'aot.json'} and {out / 'aot.png'}")
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--aot", default=None, metavar="TARGET[,TARGET]", help="compile for absent accelerators: "
-                   "a100:SLICESxHOSTSxGPUS, h100:..., tpu:v5p-N, tpu:v5e-N, tpu:v4-N (no run; --meshes "
-                   "default: the config's mesh)")
-    p.add_argument("--programs", default="init,train_step,infer", help="programs --aot compiles")
-    p.add_argument("--save-hlo", action="store_true", help="--aot: keep each program's optimized HLO in OUT/hlo")
-
