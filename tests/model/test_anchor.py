@@ -14,13 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # required by the test extra: a broken install must fail here, not skip
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from vlacabin_jax import hf_import  # noqa: E402
-from vlacabin_jax.model.lm import DecoderLM  # noqa: E402
-from vlacabin_jax.model.vit import VisionTransformer  # noqa: E402
+from vlacabin_jax import hf_import
+from vlacabin_jax.model.lm import DecoderLM
+from vlacabin_jax.model.vit import VisionTransformer
 
 TOL = 1e-4
 
