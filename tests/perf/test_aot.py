@@ -1,6 +1,6 @@
 """Deviceless AOT (`vlacabin_jax.perf.aot`, `mesh_bench --aot`): target parsing, the one-line
 errors, collectives by channel id and the output files. Nothing here compiles: the plugins are not
-in the test extra (README, Performance: the check command that compiles `tiny` for real)."""
+in the test extra (docs/performance.md: the check command that compiles `tiny` for real)."""
 from __future__ import annotations
 
 import json
