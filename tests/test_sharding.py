@@ -66,3 +66,37 @@ def _logical_axes(boxed_tree, path):
     for entry in path:
         node = node[entry.key]
     return node.names if isinstance(node, nn.LogicallyPartitioned) else ()
+
+
+def test_activation_constraints_bind_only_inside_a_step():
+    """Dense layers pin batch-major activations to rows over (data, fsdp) (width replicated, mlp
+    over tensor) inside `activation_sharding`; outside it they place no constraint at all."""
+    import jax.numpy as jnp
+
+    from vlacabin_jax.model import layers
+
+    mesh = sharding.make_mesh(mesh_cfg(2, 2, 2))
+    rules = sharding.logical_rules(mesh_cfg(2, 2, 2))
+    mlp = layers.Mlp(32, "swiglu")
+    x = jax.random.normal(jax.random.key(1), (4, 6, 16))
+    params = mlp.init(jax.random.key(0), x)
+    plain = lambda p, x: mlp.apply(p, x)  # noqa: E731
+
+    def in_step(p, x):
+        with sharding.activation_sharding(mesh, rules):
+            return mlp.apply(p, x)
+
+    assert "sharding_constraint" not in str(jax.make_jaxpr(plain)(params, x))
+    specs = [eqn.params["sharding"].spec for eqn in jax.make_jaxpr(in_step)(params, x).eqns
+             if eqn.primitive.name == "sharding_constraint"]
+    assert PartitionSpec(("data", "fsdp"), None, None) in specs      # Dense inputs / outputs of width 16
+    assert PartitionSpec(("data", "fsdp"), None, "tensor") in specs  # the mlp hidden [b, l, 32]
+    assert float(jnp.max(jnp.abs(jax.jit(in_step)(params, x) - jax.jit(plain)(params, x)))) < 1e-5
+    # A batch the mesh does not divide stays replicated instead of failing; rank-2 inputs pass.
+    odd = jax.random.normal(jax.random.key(2), (3, 6, 16))
+    assert jax.jit(in_step)(params, odd).shape == (3, 6, 16)
+    assert layers.constrain_activation(jnp.ones((6, 16)), ("embed",)).shape == (6, 16)
+    # [batch, frames, patches, width]: one logical name per dim (Flax's rule).
+    assert layers.activation_axes(4, ("embed",)) == ("activation_batch", "activation_length", None, "activation_embed")
+    assert layers.activation_axes(4, ("heads", "head_dim")) == (
+        "activation_batch", "activation_length", "activation_heads", "activation_embed")

@@ -3,10 +3,19 @@
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with params sharded over `embed`),
 `tensor` (tensor parallel over mlp / heads / vocab). One rule table, overridable from the config
 (`mesh.rules_override = "mlp=fsdp,vocab="`).
+
+Activations are constrained too (`constrain`, called by the model's dense layers): rows over
+(data, fsdp), the model width replicated, heads / mlp / vocab over tensor. Without them XLA gives
+activations the weights' `embed -> fsdp` sharding and contracts dense layers over a sharded
+dimension (all-reducing partial activations). The constraints bind only inside
+`activation_sharding(mesh, rules)`, which the train and eval steps enter while they are traced;
+anywhere else (single device, tests, export, inference) `constrain` returns its input unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -35,6 +44,16 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed_out", None),
     ("state_vocab", None),
     ("lora", None),  # LoRA rank axis (a few entries): replicated
+    # Activations (`constrain`): rows over every data-parallel axis, the model width replicated
+    # (a dense layer then contracts over a whole dimension: no partial sums to all-reduce), the
+    # tensor-parallel dims as their weights.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
@@ -117,3 +136,35 @@ def param_shardings(boxed_params, mesh: Mesh, rules) -> object:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch-major arrays: leading dim over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+# The mesh the model's activation constraints bind to while a step is traced (None: no-op).
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+    """Inside: `constrain` pins activations onto `mesh` through the logical rules `rules`.
+
+    Enter it in the function being traced (the body of a jitted step), not around `jax.jit`:
+    the constraints are placed when the model is traced.
+    """
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        with nn.logical_axis_rules(rules):
+            yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`nn.with_logical_constraint(x, axes)` on the mesh of `activation_sharding`; `x` itself
+    outside it. A logical axis whose mesh axes do not divide its dimension is left replicated."""
+    mesh = _ACTIVATION_MESH.get()
+    rules = nn.get_logical_axis_rules()
+    if mesh is None or not rules:
+        return x
+    mesh_axes = nn.logical_to_mesh_axes(axes, rules)
+    fitted = tuple(name if dim % _axis_size(mesh, entry) == 0 else None
+                   for name, entry, dim in zip(axes, mesh_axes, x.shape))
+    return nn.with_logical_constraint(x, fitted, rules=rules, mesh=mesh)

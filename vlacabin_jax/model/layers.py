@@ -3,6 +3,10 @@
 Every parameter is created through `nn.with_logical_partitioning`, so `vlacabin_jax.sharding`
 maps it onto the mesh. Logical axis names used across the model:
   embed, mlp, heads, kv_heads, head_dim, vocab, layers, and None (replicated, small vectors).
+Activations: every `Dense` pins its batch-major inputs and outputs (rank >= 3: [batch, length...,
+features...]) to `activation_batch, activation_length..., <features>` (`activation_axes`), and
+every `LayerStack` its carry, through `sharding.constrain` (a no-op outside a step's
+`sharding.activation_sharding`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlacabin_jax import sharding
 from vlacabin_jax.model.lora import LoRA
 
 Dtype = Any
@@ -25,6 +30,31 @@ default_kernel_init = nn.initializers.xavier_uniform()
 def logical(init: Callable, axes: Axes) -> Callable:
     """An initializer that also records the parameter's logical axis names."""
     return nn.with_logical_partitioning(init, axes)
+
+
+# A weight's logical axis -> the logical axis of the activation dim it meets; the others
+# (embed, lm_embed, latent, head_dim, ...) map to `activation_embed` (the width: replicated).
+_FEATURE_ACTIVATION = {"heads": "activation_heads", "kv_heads": "activation_kv_heads",
+                       "mlp": "activation_mlp", "vocab": "activation_vocab"}
+
+
+def activation_axes(ndim: int, feature_axes: Axes) -> Axes:
+    """Logical axes of a batch-major activation [batch, length..., features...] whose trailing dims
+    meet weight axes `feature_axes`. A logical name names one dim at most (Flax's rule): further
+    length dims, and a feature dim whose name is taken, are None (replicated)."""
+    features = [_FEATURE_ACTIVATION.get(a, "activation_embed") for a in feature_axes]
+    features = tuple(None if f in features[:i] else f for i, f in enumerate(features))
+    middle = ndim - 1 - len(features)
+    return ("activation_batch",) + ("activation_length",) * min(middle, 1) + (None,) * (middle - 1) + features
+
+
+def constrain_activation(x: jax.Array, feature_axes: Axes) -> jax.Array:
+    """Pin a batch-major activation (rank >= 3) to rows over the data-parallel axes
+    (`sharding.constrain`); lower ranks (e.g. [length, features] tables) and every call outside
+    a step's `sharding.activation_sharding` pass through unchanged."""
+    if x.ndim < 3 or x.ndim <= len(feature_axes):
+        return x
+    return sharding.constrain(x, activation_axes(x.ndim, feature_axes))
 
 
 class Dense(nn.Module):
@@ -55,6 +85,8 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         out_axes = self.kernel_axes[-len(features):]
+        n_in = 1 if isinstance(self.axis, int) else len(self.axis)
+        x = constrain_activation(x, self.kernel_axes[:n_in])
         y = nn.DenseGeneral(
             features=features if len(features) > 1 else features[0],
             axis=self.axis,
@@ -67,7 +99,7 @@ class Dense(nn.Module):
         )(x)
         if self.lora_rank > 0:
             y = y + self._adapter(x, features, out_axes)
-        return y
+        return constrain_activation(y, out_axes)
 
     def _adapter(self, x: jax.Array, features: tuple[int, ...], out_axes: Axes) -> jax.Array:
         """lora_scale · (x A) B: x [..., in...] → [..., out...] through rank `lora_rank`."""
@@ -294,6 +326,7 @@ class LayerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *args) -> jax.Array:
+        x = constrain_activation(x, ("embed",))
         cls = self.block
         if self.remat:
             policy = REMAT_POLICIES["full" if self.remat is True else self.remat]
@@ -307,10 +340,10 @@ class LayerStack(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(name="layers", **self.block_kwargs)
-            return scanned(x, *args)[0]
+            return constrain_activation(scanned(x, *args)[0], ("embed",))
         for i in range(self.depth):
             x = cls(name=f"layers_{i}", **self.block_kwargs)(x, *args)[0]
-        return x
+        return constrain_activation(x, ("embed",))
 
 
 def sinusoidal(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:

@@ -137,9 +137,11 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     tx = make_optimizer(cfg)
     schedule = learning_rate_fn(cfg)
     replicated = NamedSharding(mesh, PartitionSpec())
+    rules = sharding.logical_rules(cfg.mesh)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        grads, metrics = _grads_and_metrics(cfg, state, batch, mesh, state_shardings.trainable)
+        with sharding.activation_sharding(mesh, rules):  # the model's activation constraints
+            grads, metrics = _grads_and_metrics(cfg, state, batch, mesh, state_shardings.trainable)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -165,11 +167,13 @@ def make_eval_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     after_warmup = int(cfg.loss.kl_warmup_steps)
+    rules = sharding.logical_rules(cfg.mesh)
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         rngs = _step_rngs(state.rng, jnp.int32(-1), 0)  # the same noise at every evaluation
-        _, metrics = functional.loss_fn(state.trainable, state.frozen, batch, rngs, cfg, after_warmup,
-                                        _reference(state))
+        with sharding.activation_sharding(mesh, rules):
+            _, metrics = functional.loss_fn(state.trainable, state.frozen, batch, rngs, cfg, after_warmup,
+                                            _reference(state))
         return {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings(cfg, mesh)),
