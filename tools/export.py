@@ -4,16 +4,9 @@
     python -m tools.export --checkpoint runs/demo/checkpoints/400 --out exported/ --overwrite
     python -m tools.export --random-init --config configs/vla_cabin.py:tiny --out /tmp/smoke
 
-Writes into a temporary directory beside `--out` and renames it into place only when every check
-passed, so a failed export leaves nothing behind (`vlacabin_jax.export.bundle`):
-
-  model.safetensors        the PyTorch mirror's weights (float32; `vlacabin_jax.export.torch_model`)
-  config.json              rebuilds the mirror (`load_mirror(dir)`), with I/O names, shapes and provenance
-  action_vocabulary.json   the action-token vocabulary (ids of `action_tokens`)
-  tokenizer.json, tokenizer_config.json   the text tokenizer (ids of `explanation_tokens`)
-  vla_cabin.fp32.onnx, vla_cabin.fp16.onnx   (+ `.data` beside a file over 2 GB)
-  export_report.json       verification (JAX vs PyTorch vs ONNX Runtime), ONNX checks, ORT CPU latency
-  trt_report.json          with --trt: op list vs TensorRT 10, trtexec command lines
+Writes the PyTorch mirror's weights, ONNX fp32 and fp16, the action vocabulary, the tokenizer and
+`export_report.json` into a temporary directory beside `--out`, renamed into place only when every
+check passed (the file list: `vlacabin_jax.export.bundle`).
 
 Library use: `vlacabin_jax.export.bundle.export(checkpoint=..., out=..., steps=...)` returns the report.
 Needs the `export` extra (`pip install torch==2.13.0 && pip install -e '.[export]'`).
