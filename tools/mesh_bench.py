@@ -7,6 +7,8 @@ DESIGN.md §8. Every comparison is a ratio taken in one run.
                                                               # strong and weak scaling over data
     python -m tools.mesh_bench --project --configs tiny,small,a100x128 --out DIR
                                                               # 16 nodes x 8 A100, 200/400 Gb/s IB
+    python -m tools.mesh_bench --project --configs a100x128 --aot-dir DIR --out DIR2
+                                    # ... beside it, the same projection from a GPU AOT compile's HLO
     python -m tools.mesh_bench --config configs/vla_cabin.py:tiny --vs-torch --out DIR
     python -m tools.mesh_bench --config configs/vla_cabin.py:tiny --inference --out DIR
     python -m tools.mesh_bench --config configs/vla_cabin.py:tiny --compile-cache --out DIR
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default="tiny,small,a100x128", help="variants to project (--project)")
     p.add_argument("--sweeps", default=None, help="sweep --out directories whose measured collectives "
                    "the projection uses (else the analytic minimum)")
+    p.add_argument("--aot-dir", default=None, metavar="DIR[,DIR]", help="--project: --aot output directories "
+                   "(aot.json) of the same config for 128 devices (a100:16x1x8); each layout compiled there gets "
+                   "a second row from the GPU HLO's collectives beside the XLA:CPU / analytic one")
     p.add_argument("--mfu-assumed", type=float, default=0.4, help="A100 MFU of the projection's compute")
     p.add_argument("--vs-torch", action="store_true", help="JAX against PyTorch eager and torch.compile")
     p.add_argument("--inference", action="store_true", help="DNFM K=1,2,4,8 against autoregressive decoding")
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                           retries=args.retries, timeout=args.timeout, collective_timeout=args.collective_timeout,
                           cpu_devices=args.cpu_devices)
     if args.project:
-        return bench.project(args.config, args.configs, args.out, args.override, args.sweeps, args.mfu_assumed)
+        return bench.project(args.config, args.configs, args.out, args.override, args.sweeps, args.mfu_assumed,
+                             aot_dirs=args.aot_dir)
     if args.vs_torch:
         return bench.vs_torch(args.config, runner, args.out, args.mesh)
     if args.inference:

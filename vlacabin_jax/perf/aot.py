@@ -345,8 +345,15 @@ def analyse(compiled, target: Target, mesh_shape: dict[str, int]) -> dict:
             axes.setdefault(c.kind, [])
             axes[c.kind] = sorted(set(axes[c.kind]) | set(hlo.group_axes(c.groups, mesh_shape)))
     kinds = hlo.by_channel(colls)
+    # The same counts per set of mesh axes the groups span (the projection places each set on its links).
+    per_axes: dict[tuple[str, ...], list] = {}
+    for c in colls:
+        if c.group_size != 1:
+            per_axes.setdefault(hlo.group_axes(c.groups, mesh_shape), []).append(c)
+    split = {a: hlo.by_channel(cs) for a, cs in per_axes.items()}
     for kind, row in kinds.items():
         row["axes"] = axes.get(kind, [])
+        row["by_axes"] = {",".join(a): s[kind] for a, s in split.items() if s[kind]["ops"]}
     return {"memory": memory_of(compiled), "hlo_flops": flops_of(compiled), "collectives": kinds, "hlo": text}
 
 
