@@ -57,7 +57,9 @@ def test_masks_follow_the_inputs(tok, vocab):
         assert text == bool(s["text"] or s["history"]) and f["text_mask"].any() == text
         assert state == (kind == "vla")
         assert np.all(f["mel"][~f["mel_mask"]] == 0) and np.all(f["frames"][~f["frame_mask"]] == 0)
-        assert 0.0 <= f["frames"].min() and f["frames"].max() <= 1.0
+        assert f["frames"].dtype == np.uint8  # raw RGB bytes; the model scales them on device
+        if s["frames"] is not None:
+            assert np.array_equal(f["frames"][f["frame_mask"]], s["frames"])
         assert np.all(f["text_tokens"][~f["text_mask"]] == cfg.model.text_pad_id)
         assert f["has_actions"] == (kind == "vla")
         assert f["constraint_tags"].sum() == len(s["constraint_tags"])
@@ -223,3 +225,28 @@ def test_tokenizer_without_torch_prints_no_transformers_banner():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "PyTorch was not found" not in proc.stderr + proc.stdout
+
+
+def test_frames_stay_uint8_and_float_frames_are_one_clear_error(tok, vocab):
+    """Frames cross the host as uint8 (a quarter of float32's bytes); float frames are refused in
+    one line rather than guessed at, and `spec.frames_unit` gives exactly what the host computed
+    before (float32(x) * float32(1 / 255))."""
+    cfg = get_config("tiny")
+    s = gen(cfg, 3, 0, "vla")
+    assert s["frames"].dtype == np.uint8
+    f = featurize(s, cfg, tok, vocab)
+    old_host = s["frames"].astype(np.float32) * (1.0 / 255.0)  # the pre-uint8 featurizer's scaling
+    assert np.array_equal(spec.frames_unit(f["frames"][:len(s["frames"])]), old_host)
+    with pytest.raises(ValueError, match="frames are float32, expected uint8") as e:
+        featurize(dict(s, frames=old_host), cfg, tok, vocab)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TypeError, match="uint8"):
+        spec.frames_unit(old_host)
+
+
+def test_transfer_bytes_frames_are_uint8():
+    cfg = get_config("a100x128")
+    b = int(cfg.train.global_batch_size)
+    sizes = spec.transfer_bytes(cfg, b)
+    assert "sample_id" not in sizes and set(sizes) == set(spec.batch_spec(cfg, 1)) - set(spec.HOST_ONLY_FIELDS)
+    assert sizes["frames"] == b * cfg.data.num_frames * cfg.model.vit.image_size ** 2 * 3  # one byte a pixel channel

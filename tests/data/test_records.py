@@ -124,3 +124,18 @@ def test_header_and_field_checks():
 def test_unreadable_values_are_refused_at_write_time():
     with pytest.raises(CorruptRecord, match="malformed msgpack"):
         records.encode(dict(_sample(), state={1: "int keys are not readable"}))
+
+
+def test_float_frames_are_refused_in_one_line_on_write_and_read():
+    """Records have held frames as uint8 since the first schema: a float clip is refused when a
+    shard is written, and a record someone forged with one fails to load with one line (the batch
+    contract's frames are uint8 end to end, docs/data.md)."""
+    floats = np.zeros((2, 4, 4, 3), np.float32)
+    with pytest.raises(CorruptRecord, match=r"field 'frames' is float32\[4-d\], expected uint8\[4-d\]"):
+        records.encode(dict(_sample(), frames=floats))
+    obj = {k: v for k, v in records.decode(records.encode(_sample())).items() if not isinstance(v, np.ndarray)}
+    obj.update(mel=None, state_numeric=None, state_categorical=None,
+               frames=_array_ext("float32", [2, 4, 4, 3], floats.tobytes()))
+    with pytest.raises(CorruptRecord, match=r"field 'frames' is float32\[4-d\], expected uint8\[4-d\]") as e:
+        records.decode(_forge(obj))
+    assert "\n" not in str(e.value)

@@ -16,7 +16,7 @@ def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         if dtype == np.bool_:
             batch[key] = np.ones(shape, bool)
         elif key == "frames":
-            batch[key] = rng.uniform(size=shape).astype(np.float32)
+            batch[key] = rng.integers(0, 256, size=shape, dtype=np.uint8)
         elif dtype == np.float32:
             batch[key] = rng.normal(size=shape).astype(np.float32)
         else:

@@ -69,7 +69,7 @@ def test_absent_modality_is_masked_not_zero_filled(model, tiny_cfg):
     garbage = dict(batch)
     rng = np.random.default_rng(7)
     garbage["frames"] = batch["frames"].copy()
-    garbage["frames"][0] = rng.uniform(size=batch["frames"][0].shape)
+    garbage["frames"][0] = rng.integers(0, 256, size=batch["frames"][0].shape, dtype=np.uint8)
     garbage["mel"] = batch["mel"].copy()
     garbage["mel"][1] = 50.0 * rng.normal(size=batch["mel"][1].shape)
     (loss_b, m_b), _ = grad_fn(trainable, frozen, garbage)
@@ -108,3 +108,26 @@ def test_infer_shapes_and_token_ranges(model, tiny_cfg):
         assert bool((explanation[:, 0] == m.text_bos_id).all())
     with pytest.raises(ValueError, match="1..8"):
         F.infer(trainable, frozen, batch, tiny_cfg, 9)
+
+
+def test_uint8_frames_are_scaled_on_device_as_the_host_did(model, tiny_cfg):
+    """Frames enter as uint8; `frame_features` gives bit for bit the ViT features of the float32
+    frames in [0, 1] the host pipeline used to send (x / 255 in float32, then the compute dtype),
+    and refuses float frames (they would be scaled twice or not at all)."""
+    from vlacabin_jax.model.vla_cabin import VLACabin
+
+    trainable, frozen, _ = model
+    params = F.merge_params(trainable, frozen)
+    module = F.build_model(tiny_cfg)
+    frames = random_batch(tiny_cfg, 2)["frames"]
+    got = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VLACabin.frame_features))(params, frames)
+    old = frames.astype(np.float32) * (1.0 / 255.0)  # the float32 frames of the old contract
+    dtype = jnp.dtype(tiny_cfg.model.dtype)
+
+    def old_path(p, x):
+        pixels = x.reshape((-1,) + x.shape[2:]).astype(dtype) * 2.0 - 1.0
+        return module.apply({"params": p}, pixels, method=lambda m, px: m.vit(px)).reshape(got.shape)
+
+    assert np.array_equal(np.asarray(got), np.asarray(jax.jit(old_path)(params, old)))
+    with pytest.raises(TypeError, match="uint8"):
+        module.apply({"params": params}, old, method=VLACabin.frame_features)

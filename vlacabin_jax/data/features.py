@@ -19,6 +19,8 @@ Layout decisions:
 - preference pairs (a sample with `chosen` and `rejected`): `action_tokens` holds the chosen answer,
   `rejected_tokens` the rejected one (same layout), `has_pair` True and `has_actions` False; every
   other sample has zero `rejected_tokens` and `has_pair` False.
+- frames: uint8 RGB [0, 255] as rendered / stored, padded with zeros; never scaled here (the model
+  scales them on device, `spec.frames_unit`). Float frames raise `ValueError` (one line).
 - text ids: `<pad>`/`<bos>`/`<eos>` are the model's ids (`cfg.model.text_*_id`); `<sep>` is the
   tokenizer's sep token (its eos when it has none).
 """
@@ -108,8 +110,9 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
 
     Raises:
       ValueError: a modality's shape disagrees with the config (image size, n_mels, state widths,
-        tag vocabulary), an input is longer than its slot (mel, frames), the action sequence or the
-        earlier turn's action log does not fit `action_len - 1`, or the log is malformed.
+        tag vocabulary), an input is longer than its slot (mel, frames), frames are not uint8, the
+        action sequence or the earlier turn's action log does not fit `action_len - 1`, or the log
+        is malformed.
         `actions.InvalidActionSequence` for malformed action tokens (target or log).
     """
     m, d = cfg.model, cfg.data
@@ -146,11 +149,13 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
         frames = np.asarray(frames)
         if frames.shape[1:] != (size, size, 3):
             raise ValueError(f"frames shape {frames.shape} does not match image_size={size}")
-        scaled = frames.astype(np.float32) * (1.0 / 255.0) if frames.dtype == np.uint8 else frames.astype(np.float32)
-        out["frames"], out["frame_mask"] = _pad_to(scaled, d.num_frames, "frames")
+        if frames.dtype != spec.FRAMES_DTYPE:  # records only ever held uint8; the model scales them
+            raise ValueError(f"frames are {frames.dtype}, expected uint8 RGB in [0, 255] (the batch contract; "
+                             f"convert float frames in [0, 1] with np.round(x * 255).astype(np.uint8))")
+        out["frames"], out["frame_mask"] = _pad_to(frames, d.num_frames, "frames")
     else:
         frames = None
-        out["frames"] = np.zeros(shapes["frames"][0][1:], np.float32)
+        out["frames"] = np.zeros(shapes["frames"][0][1:], spec.FRAMES_DTYPE)
         out["frame_mask"] = np.zeros((d.num_frames,), np.bool_)
 
     num, cat = sample.get("state_numeric"), sample.get("state_categorical")

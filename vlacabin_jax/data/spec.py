@@ -22,6 +22,26 @@ KINDS = ("vla", "image_text", "video_text", "speech_text")
 PREFERENCE_KINDS = ("preference", "preference_sim")
 MIX_KINDS = KINDS + PREFERENCE_KINDS
 
+# Batch fields that are host-side bookkeeping, never sent to the device (int64 ids do not fit int32 JAX).
+HOST_ONLY_FIELDS = ("sample_id",)
+
+# Frames are uint8 RGB [0, 255] everywhere on the host (render, records, featurize, batches) and
+# in the exported graphs; `frames_unit` is the one scaling to [0, 1], done where the model reads them.
+FRAMES_DTYPE = np.uint8
+_INV_255 = np.float32(1.0 / 255.0)
+
+
+def frames_unit(frames):
+    """uint8 frames [0, 255] -> float32 in [0, 1]: float32(x) * float32(1 / 255), numpy or JAX
+    (bit-identical to what the host pipeline computed before frames crossed as uint8).
+
+    Raises TypeError for anything but uint8 (float frames would be silently scaled twice or not at
+    all)."""
+    if frames.dtype != FRAMES_DTYPE:
+        raise TypeError(f"frames are {frames.dtype}, the batch contract's frames are uint8 RGB in [0, 255] "
+                        f"(convert float frames in [0, 1] with np.round(x * 255).astype(np.uint8))")
+    return frames.astype(np.float32) * _INV_255
+
 
 def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of every batch field.
@@ -42,8 +62,10 @@ def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtyp
         # Log-mel features of the spoken request.
         "mel": ((b, d.mel_frames, m.speech.n_mels), np.float32),
         "mel_mask": ((b, d.mel_frames), np.bool_),
-        # Cabin video frames (an image is a one-frame clip), RGB in [0, 1].
-        "frames": ((b, d.num_frames, size, size, 3), np.float32),
+        # Cabin video frames (an image is a one-frame clip), raw RGB bytes uint8 in [0, 255]: they
+        # cross host -> device as bytes (a quarter of float32's), the model scales them
+        # (`frames_unit`, in `VLACabin.frame_features`).
+        "frames": ((b, d.num_frames, size, size, 3), FRAMES_DTYPE),
         "frame_mask": ((b, d.num_frames), np.bool_),
         # Device / environment state: normalised numeric fields and categorical ids.
         "state_numeric": ((b, m.state.numeric_dim), np.float32),
@@ -76,6 +98,13 @@ def batch_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtyp
         "kind": ((b,), np.int32),
         "sample_id": ((b,), np.int64),
     }
+
+
+def transfer_bytes(cfg, batch_size: int) -> dict[str, int]:
+    """Bytes per field of one batch of `batch_size` rows as it crosses host -> device (every
+    `batch_spec` field but `HOST_ONLY_FIELDS`); `python -m tools.data_bench --bytes` prints them."""
+    return {k: int(np.prod(shape)) * np.dtype(dtype).itemsize
+            for k, (shape, dtype) in batch_spec(cfg, batch_size).items() if k not in HOST_ONLY_FIELDS}
 
 
 def zeros_batch(cfg, batch_size: int) -> dict[str, np.ndarray]:

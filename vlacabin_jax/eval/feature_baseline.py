@@ -31,6 +31,7 @@ import optax
 
 from vlacabin_jax.data import features, pipeline
 from vlacabin_jax.data.actions import EOS_ID
+from vlacabin_jax.data.spec import frames_unit
 from vlacabin_jax.eval import evaluate, simulator
 from vlacabin_jax.eval.metrics import Prediction
 from vlacabin_jax.model import dnfm
@@ -56,7 +57,7 @@ def batch_features(batch: dict, cfg: ml_collections.ConfigDict, sep_id: int) -> 
     pos = jnp.arange(tok.shape[1])
     last_sep = jnp.max(jnp.where(tok == sep_id, pos, -1), axis=1, keepdims=True)
     current, earlier = tmask & (pos > last_sep), tmask & (pos < last_sep)
-    frames = batch["frames"].astype(jnp.float32) * batch["frame_mask"][:, :, None, None, None]
+    frames = frames_unit(batch["frames"]) * batch["frame_mask"][:, :, None, None, None]  # uint8 -> [0, 1]
     b, f, s = frames.shape[:3]
     k = max(1, s // _POOL)
     pooled = frames[:, :, :k * (s // k), :k * (s // k)].reshape(b, f, s // k, k, s // k, k, 3).mean((3, 5))

@@ -7,8 +7,8 @@ K sampler steps and the explanation steps are unrolled when traced), which traci
 graph without `Loop`/`If`, native `LayerNormalization` at opset >= 17, and no dependency on
 onnxscript. The fp16 file is an export of the same mirror built in float16: Flax's mixed-precision
 policy is in the mirror, so LayerNorm, RMSNorm, softmax, RoPE and the codebook logits stay float32
-in the graph by construction rather than by a converter's guess. Inputs and float outputs are
-float32 in both files. Weights go to one external-data file when the graph would pass 2 GB.
+in the graph by construction rather than by a converter's guess. Float inputs and outputs are
+float32 in both files (frames uint8 in both). Weights go to one external-data file when the graph would pass 2 GB.
 
 Every file passes `onnx.checker` (full check) and strict shape inference, has only the `batch`
 dimension symbolic on every input and output, and has no control-flow op, or the export fails.
@@ -16,7 +16,10 @@ dimension symbolic on every input and output, and has no control-flow op, or the
 Inputs, in this order (`torch_model.INPUT_NAMES`; shapes in `torch_model`'s docstring and in the
 export's config.json "io"): text_tokens, text_mask, mel, mel_mask, frames, frame_mask,
 state_numeric, state_categorical, modality_mask, constraint_tags, history_actions, history_before.
-Ids are int32 (TensorRT's integer support is int32 first), masks bool, features float32. The two
+Ids are int32 (TensorRT's integer support is int32 first), masks bool, features float32, and
+`frames` uint8 [batch, F, S, S, 3]: raw RGB camera bytes in [0, 255]; the graph's first op on them is
+a Cast to float32 followed by x / 255 and the [-1, 1] normalisation (TensorRT takes uint8 network
+inputs that go straight into a Cast), so the car feeds the camera's bytes as they are. The two
 action-log inputs are int32 [batch, action_len] action-vocabulary ids (action_vocabulary.json):
 `history_actions` the earlier turn's executed tokens, `<eos>`, `<pad>` (= 0, masked in the LM),
 all `<pad>` without an earlier turn; `history_before` the replaced value of each, `<pad>` elsewhere.
@@ -38,7 +41,7 @@ import onnx
 import torch
 from onnx import numpy_helper, shape_inference
 
-from vlacabin_jax.export.torch_model import INPUT_NAMES, OUTPUT_NAMES, VLACabinMirror, example_inputs
+from vlacabin_jax.export.torch_model import INPUT_DTYPES, INPUT_NAMES, OUTPUT_NAMES, VLACabinMirror, example_inputs
 
 OPSETS = (17, 18, 19)
 CONTROL_FLOW = frozenset({"Loop", "If", "Scan", "SequenceMap"})
@@ -303,6 +306,10 @@ def check_onnx(path: str | os.PathLike, opset: int | None = None, dtype: str = "
         raise OnnxExportError(f"{path.name}: only the leading batch dim may be symbolic: {', '.join(bad)}")
     if list(io["inputs"]) != list(INPUT_NAMES) or list(io["outputs"]) != list(OUTPUT_NAMES):
         raise OnnxExportError(f"{path.name}: inputs/outputs are {list(io['inputs'])} / {list(io['outputs'])}")
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in model.graph.input}
+    wrong = [f"{k} {types[k]} (expected {want})" for k, want in INPUT_DTYPES.items() if types[k] != want]
+    if wrong:
+        raise OnnxExportError(f"{path.name}: input element types differ from the mirror's: {', '.join(wrong)}")
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
     return OnnxInfo(str(path), got_opset, dtype, dict(sorted(ops.items())), size, external, **io)

@@ -50,7 +50,8 @@ the trainable ones the Flax names without the `dense`/`ln` wrappers
 Input shapes (b = batch, dynamic in ONNX; the rest fixed by the config):
   text_tokens int32 [b, text_len], text_mask bool [b, text_len],
   mel float32 [b, mel_frames, n_mels], mel_mask bool [b, mel_frames],
-  frames float32 [b, num_frames, S, S, 3] in [0, 1], frame_mask bool [b, num_frames],
+  frames uint8 [b, num_frames, S, S, 3]: raw RGB camera bytes in [0, 255] (the graph scales them:
+    float32 x / 255, then [-1, 1] in the compute dtype, as the Flax model), frame_mask bool [b, num_frames],
   state_numeric float32 [b, n_num], state_categorical int32 [b, n_cat],
   modality_mask bool [b, 4] (speech, text, video, state), constraint_tags bool [b, n_tags],
   history_actions int32 [b, action_len]: the earlier turn's action log, action-vocabulary ids
@@ -83,9 +84,16 @@ FORMAT = "vlacabin.torch_mirror"
 # 3: the action-log inputs `history_actions` / `history_before`; one flat latent token axis; the
 #    routes `state.field_tokens`, `state.numeric_fourier` (numeric_scale [n_num, 1 + 2F, width]),
 #    `video.patch_tokens`, `bridge.connector_skip`, `dnfm.cross_attention`, `dnfm.constrained_decode`.
-FORMAT_VERSION = 3
+# 4: `frames` is uint8 RGB [0, 255] (raw camera bytes), scaled inside the model / graph.
+FORMAT_VERSION = 4
 INPUT_NAMES = ("text_tokens", "text_mask", "mel", "mel_mask", "frames", "frame_mask", "state_numeric",
                "state_categorical", "modality_mask", "constraint_tags", "history_actions", "history_before")
+# Element types of the inputs (mirror, ONNX graph and config.json "io" alike): ids int32, masks
+# bool, features float32, frames uint8 (`spec.batch_spec`).
+INPUT_DTYPES = {"text_tokens": "int32", "text_mask": "bool", "mel": "float32", "mel_mask": "bool", "frames": "uint8",
+                "frame_mask": "bool", "state_numeric": "float32", "state_categorical": "int32",
+                "modality_mask": "bool", "constraint_tags": "bool", "history_actions": "int32",
+                "history_before": "int32"}
 OUTPUT_NAMES = ("action_tokens", "explanation_tokens", "z0", "velocities", "x1", "action_logits", "context")
 MAX_STEPS = 8
 MODALITIES = ("speech", "text", "video", "state")  # `spec.MODALITIES`: the latent token axis order
@@ -603,7 +611,12 @@ class VLACabinMirror(nn.Module):
         axis in `MODALITIES` order (`VLACabin.encode`; `latent_counts` tokens per modality)."""
         m, f = self.cfg.model, self.cfg.data.num_frames
         size = m.vit.image_size
-        pixels = frames.reshape(-1, size, size, 3).to(self.dtype) * 2.0 - 1.0
+        # uint8 -> float32 x / 255 first (`spec.frames_unit`; a Cast is the graph's first op on the
+        # bytes, which TensorRT takes natively), then the compute dtype and [-1, 1].
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames are {frames.dtype}, expected torch.uint8 RGB in [0, 255]")
+        unit = frames.to(torch.float32) * (1.0 / 255.0)
+        pixels = unit.reshape(-1, size, size, 3).to(self.dtype) * 2.0 - 1.0
         feats = self.vit(pixels)  # [b * f, patches, d_vit]
         if m.video.patch_tokens:
             video_in = feats.reshape(-1, f, self.video_encoder.patches, m.vit.width)
@@ -739,7 +752,7 @@ def example_inputs(config: Mapping[str, Any], batch_size: int, seed: int = 0) ->
         "text_mask": torch.ones(batch_size, d.text_len, dtype=torch.bool),
         "mel": torch.randn(batch_size, d.mel_frames, m.speech.n_mels, generator=g),
         "mel_mask": torch.ones(batch_size, d.mel_frames, dtype=torch.bool),
-        "frames": torch.rand(batch_size, d.num_frames, size, size, 3, generator=g),
+        "frames": torch.randint(0, 256, (batch_size, d.num_frames, size, size, 3), generator=g, dtype=torch.uint8),
         "frame_mask": torch.ones(batch_size, d.num_frames, dtype=torch.bool),
         "state_numeric": torch.randn(batch_size, m.state.numeric_dim, generator=g),
         "state_categorical": (torch.rand(batch_size, len(sizes), generator=g) * sizes).to(torch.int32),
@@ -772,19 +785,17 @@ def io_spec(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
     """Names, dtypes and shapes ("batch" first) of the inputs and outputs (mirror and ONNX alike)."""
     m, d = namespace(config["model"]), namespace(config["data"])
     size, a, k = m.vit.image_size, m.action_len, int(config["steps"])
-    shapes_in = {"text_tokens": ("int32", [d.text_len]), "text_mask": ("bool", [d.text_len]),
-                 "mel": ("float32", [d.mel_frames, m.speech.n_mels]), "mel_mask": ("bool", [d.mel_frames]),
-                 "frames": ("float32", [d.num_frames, size, size, 3]), "frame_mask": ("bool", [d.num_frames]),
-                 "state_numeric": ("float32", [m.state.numeric_dim]),
-                 "state_categorical": ("int32", [len(m.state.categorical_sizes)]),
-                 "modality_mask": ("bool", [4]), "constraint_tags": ("bool", [m.bridge.n_constraint_tags]),
-                 "history_actions": ("int32", [a]), "history_before": ("int32", [a])}
+    shapes_in = {"text_tokens": [d.text_len], "text_mask": [d.text_len], "mel": [d.mel_frames, m.speech.n_mels],
+                 "mel_mask": [d.mel_frames], "frames": [d.num_frames, size, size, 3], "frame_mask": [d.num_frames],
+                 "state_numeric": [m.state.numeric_dim], "state_categorical": [len(m.state.categorical_sizes)],
+                 "modality_mask": [4], "constraint_tags": [m.bridge.n_constraint_tags], "history_actions": [a],
+                 "history_before": [a]}
     shapes_out = {"action_tokens": ("int32", [a]), "explanation_tokens": ("int32", [m.explain_len]),
                   "z0": ("float32", [a, m.dnfm.d_action]), "velocities": ("float32", [k, a, m.dnfm.d_action]),
                   "x1": ("float32", [a, m.dnfm.d_action]), "action_logits": ("float32", [a, m.dnfm.vocab_size]),
                   "context": ("float32", [m.bridge.n_queries, m.bridge.connector.width])}
     entry = lambda dt, shape: {"dtype": dt, "shape": ["batch"] + shape}  # noqa: E731
-    return {"inputs": {k: entry(*shapes_in[k]) for k in INPUT_NAMES},
+    return {"inputs": {k: entry(INPUT_DTYPES[k], shapes_in[k]) for k in INPUT_NAMES},
             "outputs": {k: entry(*shapes_out[k]) for k in OUTPUT_NAMES}}
 
 

@@ -132,7 +132,7 @@ class JaxReference:
 def random_batch(cfg: Any, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Random model inputs with the situations inference meets: every modality present (sample 0),
     no speech (1), no video and padded text (2), padded mel and frames (3), no text at all (4),
-    no state (5), then alternating. Values cover the input ranges (frames in [0, 1]). The earlier
+    no state (5), then alternating. Values cover the input ranges (frames uint8 in [0, 255]). The earlier
     turn's action log cycles over an executed log (sample 0: device ids, `<eos>`, `<pad>`, with
     before-ids under the executed ones), a `<noop>` turn (1) and no earlier turn (2: all `<pad>`)."""
     from vlacabin_jax.data.spec import batch_spec
@@ -145,7 +145,7 @@ def random_batch(cfg: Any, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     b["text_mask"][:] = True
     b["mel"] = rng.normal(size=spec["mel"][0]).astype(np.float32)
     b["mel_mask"][:] = True
-    b["frames"] = rng.uniform(size=spec["frames"][0]).astype(np.float32)
+    b["frames"] = rng.integers(0, 256, size=spec["frames"][0], dtype=np.uint8)
     b["frame_mask"][:] = True
     b["state_numeric"] = rng.normal(size=spec["state_numeric"][0]).astype(np.float32)
     b["state_categorical"] = np.stack([rng.integers(0, n, size=batch_size) for n in m.state.categorical_sizes],

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlacabin_jax.data.actions import PAD_ID
-from vlacabin_jax.data.spec import MODALITIES
+from vlacabin_jax.data.spec import MODALITIES, frames_unit
 from vlacabin_jax.model import ar_head, bridge, dnfm, encoders, explain
 from vlacabin_jax.model.lm import DecoderLM
 from vlacabin_jax.model.vit import VisionTransformer
@@ -63,13 +63,17 @@ class VLACabin(nn.Module):
 
     # ----------------------------------------------------------------------------- perception
     def frame_features(self, frames: jax.Array) -> jax.Array:
-        """frames [b, f, h, w, 3] in [0, 1] → ViT features [b, f, patches, d_vit].
+        """frames uint8 [b, f, h, w, 3] (RGB in [0, 255], the batch contract) → ViT features
+        [b, f, patches, d_vit].
 
-        No stop_gradient here: a frozen anchor gets none through `functional.loss_fn` (its tree
-        enters under stop_gradient), an anchor that trains (`train.trainable = "all_and_anchor"`)
-        needs them."""
+        The one place frames are scaled: x / 255 in float32 (`spec.frames_unit`), then to the
+        compute dtype and to [-1, 1] (SigLIP's normalisation), so bf16 rounds what float32 frames
+        in [0, 1] rounded before. No stop_gradient here: a frozen anchor gets none through
+        `functional.loss_fn` (its tree enters under stop_gradient), an anchor that trains
+        (`train.trainable = "all_and_anchor"`) needs them."""
         b, f = frames.shape[:2]
-        pixels = frames.reshape((b * f,) + frames.shape[2:]).astype(_dtype(self.cfg.dtype)) * 2.0 - 1.0
+        unit = frames_unit(frames.reshape((b * f,) + frames.shape[2:]))
+        pixels = unit.astype(_dtype(self.cfg.dtype)) * 2.0 - 1.0
         feats = self.vit(pixels)
         return feats.reshape((b, f) + feats.shape[1:])
 

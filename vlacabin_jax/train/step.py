@@ -22,13 +22,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlacabin_jax import sharding
-from vlacabin_jax.data.spec import batch_spec
+from vlacabin_jax.data.spec import HOST_ONLY_FIELDS, batch_spec
 from vlacabin_jax.model import functional, losses
 from vlacabin_jax.train.optimizer import learning_rate_fn, make_optimizer
 from vlacabin_jax.train.state import TrainState
 
-# Batch fields that are host-side bookkeeping, not model input (int64 ids do not fit int32 JAX).
-HOST_ONLY_FIELDS = ("sample_id",)
 _BATCH_AXES = ("data", "fsdp")
 
 
