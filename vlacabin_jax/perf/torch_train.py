@@ -18,6 +18,7 @@ trainable inputs), and the optimizer is AdamW with global-norm clipping.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Callable, Mapping
@@ -139,14 +140,22 @@ def inputs_from_batch(batch: Mapping[str, Any], seed: int = 0) -> dict[str, Tens
 
 
 def prepare_torch_step(config: Mapping[str, Any], inputs: Mapping[str, Tensor], compiled: bool,
-                       lr: float = 1e-4, clip: float = 1.0) -> tuple[Callable[[], float], dict]:
+                       lr: float = 1e-4, clip: float = 1.0, device: str = "cpu") -> tuple[Callable[[], float], dict]:
     """A full training step of the mirror (forward, backward, clipping, AdamW) on `inputs`.
 
     `compiled`: the loss (forward and, through AOTAutograd, its backward) under `torch.compile`
-    (inductor without its pattern-matcher passes, see below); the optimizer step stays eager. Returns (run() -> seconds of one step, info {"last": {"loss"}}).
+    (inductor without its pattern-matcher passes, see below); the optimizer step stays eager.
+    `device`: "cpu" or "cuda" (the model is built on the CPU, from a CPU generator, then moved with
+    its inputs; on CUDA the tensors the mirror makes while it runs go there as the default device,
+    and matmuls take TF32, as XLA does for float32). Returns (run() -> seconds of one step to its
+    completion on the device, info {"last": {"loss"}}).
     """
     torch.manual_seed(0)
-    model = MirrorTrainer(config)
+    model = MirrorTrainer(config).to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     # Inductor's attention-fusion patterns crash on the mirror's masked attention (torch 2.13:
@@ -157,11 +166,14 @@ def prepare_torch_step(config: Mapping[str, Any], inputs: Mapping[str, Tensor], 
 
     def run() -> float:
         t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _ = loss_fn(inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        with torch.device(device) if cuda else contextlib.nullcontext():
+            opt.zero_grad(set_to_none=True)
+            loss, _ = loss_fn(inputs)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         info["last"] = {"loss": float(loss.detach())}
         return seconds

@@ -3,6 +3,7 @@ one `MESH_BENCH_RESULT <json>` line (see `common.run_worker`, which starts it).
 
     python -m vlacabin_jax.perf.bench.worker --config PATH:VARIANT --mesh 2x2x2 --steps 5 \\
         [--task train|vs_torch|inference] [--override=--config.a.b=V ...] [--global-batch B]
+        [--ks 1,2,4,8] [--torch-modes eager,compile]
 
 Exit code 2 with one `error:` line for unusable input (the parent then does not retry).
 """
@@ -19,10 +20,12 @@ from typing import Sequence
 from vlacabin_jax.perf.bench.common import COMPILED_PREFIX, RESULT_PREFIX, BenchError, load_config, parse_mesh
 
 TASKS = ("train", "vs_torch", "inference")
+KS = (1, 2, 4, 8)  # DNFM sampler steps the inference task times
+TORCH_MODES = ("eager", "compile")  # PyTorch steps the vs_torch task runs
 
 
 def work(config: str, overrides: Sequence[str], mesh: str, steps: int, task: str = "train",
-         global_batch: int = 0) -> int:
+         global_batch: int = 0, ks: Sequence[int] = KS, torch_modes: Sequence[str] = TORCH_MODES) -> int:
     """Runs `task` on mesh `mesh` of this process's devices and prints RESULT_PREFIX + JSON; exit code 0."""
     import jax
 
@@ -35,14 +38,15 @@ def work(config: str, overrides: Sequence[str], mesh: str, steps: int, task: str
         raise BenchError(f"mesh {mesh} needs {math.prod(parse_mesh(mesh))} devices but this host has "
                          f"{len(jax.devices())} {jax.devices()[0].platform} devices; pass --cpu-devices with the "
                          f"real device count so such meshes are refused up front")
-    result = run_task(config, overrides, mesh, steps, task, global_batch)
+    result = run_task(config, overrides, mesh, steps, task, global_batch, ks, torch_modes)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 
 
 def run_task(config: str, overrides: Sequence[str], mesh: str, steps: int, task: str = "train",
-             global_batch: int = 0) -> dict:
-    """The JSON-able result of `task` on this process's devices (mesh `mesh`)."""
+             global_batch: int = 0, ks: Sequence[int] = KS, torch_modes: Sequence[str] = TORCH_MODES) -> dict:
+    """The JSON-able result of `task` on this process's devices (mesh `mesh`): `ks` are the DNFM
+    steps `inference` times, `torch_modes` the PyTorch steps `vs_torch` runs ("eager", "compile")."""
     import jax
 
     cfg = load_config(config, overrides)
@@ -51,6 +55,9 @@ def run_task(config: str, overrides: Sequence[str], mesh: str, steps: int, task:
     if global_batch:
         cfg.train.global_batch_size = global_batch
     devices = jax.devices()[:math.prod(mesh_sizes)]
+    if cfg.model.attention_impl == "cudnn" and devices[0].platform != "gpu":
+        raise BenchError(f"model.attention_impl=cudnn needs an NVIDIA GPU; this host's JAX platform is "
+                         f"{devices[0].platform}")
     from vlacabin_jax import sharding
 
     jax_mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -60,11 +67,12 @@ def run_task(config: str, overrides: Sequence[str], mesh: str, steps: int, task:
         def report_compiled(info: dict) -> None:
             print(COMPILED_PREFIX + json.dumps(info), flush=True)
 
-        return measure.measure_train_step(cfg, jax_mesh, steps, on_compiled=report_compiled)
+        result = measure.measure_train_step(cfg, jax_mesh, steps, on_compiled=report_compiled)
+        return {**result, "host_peak_rss_bytes": _peak_rss_bytes()}
     if task == "vs_torch":
-        return _vs_torch(cfg, jax_mesh, steps)
+        return _vs_torch(cfg, jax_mesh, steps, torch_modes)
     if task == "inference":
-        return _inference(cfg, steps)
+        return _inference(cfg, steps, tuple(ks))
     raise BenchError(f"unknown worker task {task!r}")
 
 
@@ -73,9 +81,18 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def _vs_torch(cfg, mesh, steps: int) -> dict:
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB): the host-side figure where the
+    device has no allocator statistics (CPU)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _vs_torch(cfg, mesh, steps: int, torch_modes: Sequence[str] = TORCH_MODES) -> dict:
     """The JAX train step and the PyTorch mirror's (eager, torch.compile) on one batch, timed
-    round-robin (one step of each in turn) so that the machine's load touches all alike."""
+    round-robin (one step of each in turn) so that the machine's load touches all alike. On a
+    GPU host PyTorch runs on CUDA (TF32 matmuls, like XLA's default for float32), else on CPU."""
     import shutil
     import statistics
 
@@ -91,12 +108,15 @@ def _vs_torch(cfg, mesh, steps: int) -> dict:
     out["jax"] = {"compile_s": jax_info["compile_s"], "first_s": jax_run()}
     config = mirror_config(cfg, int(cfg.model.dnfm.sample_steps))
     inputs = torch_train.inputs_from_batch(batch)
+    device = "cuda" if mesh.devices.flat[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
     for name, compiled in (("torch_eager", False), ("torch_compile", True)):
-        if compiled and not shutil.which(os.environ.get("CXX", "g++")):
+        if name.removeprefix("torch_") not in torch_modes:
+            continue
+        if compiled and device == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
             out[name] = {"error": "torch.compile (inductor) on CPU needs a C++ compiler; none found (g++)"}
             continue
         try:
-            run, info = torch_train.prepare_torch_step(config, inputs, compiled)
+            run, info = torch_train.prepare_torch_step(config, inputs, compiled, device=device)
             out[name] = {"first_s": run(), "threads": info["threads"], "terms": info["terms"]}
             run()
             runs[name] = run
@@ -109,12 +129,13 @@ def _vs_torch(cfg, mesh, steps: int) -> dict:
     for name, ts in times.items():
         out[name].update(median_step_s=statistics.median(ts), step_times_s=ts)
     out["torch_version"] = torch.__version__
+    out["torch_device"] = device
     out["global_batch"] = int(cfg.train.global_batch_size)
     out["dtype"] = cfg.model.dtype
     return out
 
 
-def _inference(cfg, steps: int) -> dict:
+def _inference(cfg, steps: int, ks: tuple[int, ...] = KS) -> dict:
     """Decision latency at batch 1: DNFM K = 1, 2, 4, 8 and the autoregressive head."""
     import flax.linen as nn
     import jax
@@ -126,7 +147,7 @@ def _inference(cfg, steps: int) -> dict:
 
     params, frozen = nn.unbox(functional.init_params(cfg, jax.random.key(0)))
     batch = {k: jnp.asarray(v) for k, v in measure.one_batch(cfg, 1).items() if k not in HOST_ONLY_FIELDS}
-    result = autoregressive.time_decisions(cfg, params, frozen, batch, repeats=steps)
+    result = autoregressive.time_decisions(cfg, params, frozen, batch, steps=ks, repeats=steps)
     return {"decisions": result, "platform": jax.devices()[0].platform,
             "device_kind": getattr(jax.devices()[0], "device_kind", "")}
 
@@ -139,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--task", default="train", help=", ".join(TASKS))
     p.add_argument("--global-batch", type=int, default=0)
+    p.add_argument("--ks", default=",".join(map(str, KS)), help="inference: DNFM steps K to time")
+    p.add_argument("--torch-modes", default=",".join(TORCH_MODES), help="vs_torch: eager and/or compile")
     args = p.parse_args(argv)
     try:
-        return work(args.config, args.override, args.mesh, args.steps, args.task, args.global_batch)
+        ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
+        modes = tuple(m.strip() for m in args.torch_modes.split(",") if m.strip())
+        return work(args.config, args.override, args.mesh, args.steps, args.task, args.global_batch, ks, modes)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
