@@ -131,3 +131,20 @@ def test_uint8_frames_are_scaled_on_device_as_the_host_did(model, tiny_cfg):
     assert np.array_equal(np.asarray(got), np.asarray(jax.jit(old_path)(params, old)))
     with pytest.raises(TypeError, match="uint8"):
         module.apply({"params": params}, old, method=VLACabin.frame_features)
+
+
+def test_remat_model_initialises_and_infers_like_the_plain_one(model, tiny_cfg):
+    """`model.remat` (base and a100x128 default to it) changes what the backward pass keeps, never
+    the params or the answers. Init used to run `infer`, whose decode loops traced the
+    rematerialised blocks' init inside `lax.fori_loop` and leaked a tracer (UnexpectedTracerError)."""
+    trainable, frozen, _ = model
+    cfg = ml_collections.ConfigDict(tiny_cfg.to_dict())
+    cfg.model.remat, cfg.model.remat_policy = True, "dots"
+    remat_trainable, remat_frozen = (nn.unbox(t) for t in F.init_params(cfg, jax.random.key(0)))
+    same = jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), (trainable, frozen), (remat_trainable, remat_frozen))
+    assert all(jax.tree_util.tree_leaves(same))
+    batch = random_batch(tiny_cfg, 3)
+    plain = jax.jit(lambda p, f, b: F.infer(p, f, b, tiny_cfg, 2))(trainable, frozen, batch)
+    remat = jax.jit(lambda p, f, b: F.infer(p, f, b, cfg, 2))(remat_trainable, remat_frozen, batch)
+    for a, b in zip(plain, remat):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

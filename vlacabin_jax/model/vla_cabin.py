@@ -234,8 +234,11 @@ class VLACabin(nn.Module):
         return dnfm.decode_tokens(self.dnfm.logits(x1), self.cfg.dnfm.constrained_decode)
 
     def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
-        """Initialisation entry point: touches every submodule (training path)."""
-        return self.train_outputs(batch, 0.5, 3.0)["endpoint_logits"], self.infer(batch, 1)[1]
+        """Initialisation entry point: the training path touches every submodule. Not `infer`:
+        its decode loops (`lax.fori_loop`) would trace a rematerialised block's init inside the
+        loop, and the lifted params leak out of it (UnexpectedTracerError with `model.remat`)."""
+        out = self.train_outputs(batch, 0.5, 3.0)
+        return out["endpoint_logits"], out["explanation_logits"]
 
 
 def latent_counts(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
