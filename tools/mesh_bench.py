@@ -15,6 +15,8 @@ DESIGN.md §8. Every comparison is a ratio taken in one run.
     python -m tools.mesh_bench --config configs/vla_cabin.py:base --flops    # MFU analysis, no run
     python -m tools.mesh_bench --aot a100:16x1x8 --config configs/vla_cabin.py:a100x128 --out DIR
                                 # compiled for absent GPUs / TPU slices: memory, collectives
+    python -m tools.mesh_bench --aot a100:16x1x8 --config configs/vla_cabin.py:a100x128 --search --out DIR
+                                # the fastest mesh x remat x microbatch that fits (train step only)
 
 Each mesh runs in its own subprocess (a fresh backend with exactly its device count; on CPU
 `--xla_force_host_platform_device_count`), retried `--retries` times when it fails (XLA:CPU's
@@ -58,18 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweeps", default=None, help="sweep --out directories whose measured collectives "
                    "the projection uses (else the analytic minimum)")
     p.add_argument("--aot-dir", default=None, metavar="DIR[,DIR]", help="--project: --aot output directories "
-                   "(aot.json) of the same config for 128 devices (a100:16x1x8); each layout compiled there gets "
-                   "a second row from the GPU HLO's collectives beside the XLA:CPU / analytic one")
-    p.add_argument("--mfu-assumed", type=float, default=0.4, help="A100 MFU of the projection's compute")
+                   "(aot.json) of the same config for 128 devices (a100:16x1x8, cpu:128); each layout compiled there "
+                   "gets a row from that HLO's collectives beside the XLA:CPU sweep / analytic one")
+    p.add_argument("--mfu-assumed", type=float, default=0.4, help="assumed MFU of the projected compute "
+                   "(--project: A100; --search: the target's GPU)")
     p.add_argument("--vs-torch", action="store_true", help="JAX against PyTorch eager and torch.compile")
     p.add_argument("--inference", action="store_true", help="DNFM K=1,2,4,8 against autoregressive decoding")
     p.add_argument("--compile-cache", action="store_true", help="first vs second start compile times")
     p.add_argument("--flops", action="store_true", help="HLO FLOPs vs analytic, remat on/off (no run)")
     p.add_argument("--aot", default=None, metavar="TARGET[,TARGET]", help="compile for absent accelerators: "
-                   "a100:SLICESxHOSTSxGPUS, h100:..., tpu:v5p-N, tpu:v5e-N, tpu:v4-N (no run; --meshes "
+                   "a100:SLICESxHOSTSxGPUS, h100:..., tpu:v5p-N, tpu:v5e-N, tpu:v4-N, cpu:N (XLA:CPU) "
+                   "(no run; --meshes "
                    "default: the config's mesh)")
     p.add_argument("--programs", default="init,train_step,infer", help="programs --aot compiles")
     p.add_argument("--save-hlo", action="store_true", help="--aot: keep each program's optimized HLO in OUT/hlo")
+    p.add_argument("--search", action="store_true", help="--aot (one GPU target): search meshes (--meshes, default: "
+                   "generated), remat none/dots/full and microbatches (--search-accum) for the fastest projected "
+                   "train step that fits with --headroom; writes search.json, search.png")
+    p.add_argument("--search-accum", default="1,2,4", help="--search: gradient-accumulation steps to try (the "
+                   "global batch stays the config's; microbatch = global / (data*fsdp) / accum)")
+    p.add_argument("--headroom", type=float, default=0.1, help="--search: fraction of the usable memory a "
+                   "candidate must leave free (default 0.1)")
+    p.add_argument("--max-compiles", type=int, default=14, help="--search: most train-step compiles (default 14)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--task", default="train", help=argparse.SUPPRESS)
     p.add_argument("--mesh", default="1x1x1", help="mesh of --vs-torch and --compile-cache (default 1x1x1)")
@@ -81,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     """The mode the flags name, run by `vlacabin_jax.perf.bench`; its exit code."""
     if args.worker:  # the measuring subprocess, also reachable as `python -m vlacabin_jax.perf.bench.worker`
         return worker.work(args.config, args.override, args.mesh, args.steps, args.task, args.global_batch)
+    if args.aot and args.search:
+        return bench.search(args.aot, args.config, args.out, args.override, args.meshes, args.headroom,
+                            args.max_compiles, args.search_accum, args.mfu_assumed)
+    if args.search:
+        raise bench.BenchError("--search needs --aot TARGET (a GPU target, e.g. a100:16x1x8)")
     if args.aot:
         return bench.aot(args.aot, args.config, args.out, args.override, args.meshes, args.programs, args.save_hlo)
     if args.steps <= 0:

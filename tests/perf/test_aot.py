@@ -42,7 +42,7 @@ def test_gpu_target_config_carries_the_device_facts():
 @pytest.fixture
 def no_host_changes(monkeypatch):
     """The tool must not switch this test process's JAX to other platforms."""
-    monkeypatch.setattr(aot, "prepare_host", lambda: None)
+    monkeypatch.setattr(aot, "prepare_host", lambda *args: None)
 
 
 def _error_line(argv, capsys) -> str:
@@ -177,3 +177,18 @@ ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
 """
     (c,) = hlo.collectives(text)
     assert (c.count, c.channel_id, c.bytes) == (27, 3, 16.0)
+
+
+def test_cpu_targets_parse_and_have_no_memory_verdict():
+    t = aot.parse_target("cpu:128")
+    assert (t.platform, t.num_devices, t.device_memory_bytes) == ("cpu", 128, 0)
+    aot.check_plugin(t)  # XLA:CPU needs no plugin
+    with pytest.raises(aot.AotError, match="write cpu:N"):
+        aot.parse_target("cpu:x")
+
+
+def test_a_cpu_target_uses_the_running_backends_devices():
+    # This process's backend runs 8 simulated devices (conftest): enough for cpu:8, too few for cpu:16.
+    assert len(aot.cpu_devices(8)) == 8
+    with pytest.raises(aot.AotError, match="xla_force_host_platform_device_count=16"):
+        aot.cpu_devices(16)

@@ -131,3 +131,26 @@ ENTRY %main (p: f32[8]) -> f32[8] {
                              "data": {"ops": 1, "executions": 1, "bytes": 32.0},
                              "data,fsdp": {"ops": 1, "executions": 1, "bytes": 32.0}}
     assert kinds["all-gather"]["by_axes"] == {}
+
+
+def test_a_tensor_parallel_rows_compute_is_its_share_of_the_global_batch(tmp_path):
+    # 16x4x2: every device holds 1024 / 64 = 16 rows but does half their work: 8 samples of compute.
+    row = {**_row(mesh="16x4x2"), "global_batch": 1024, "per_device_batch": 16.0}
+    _aot_json(tmp_path / "aot", [row])
+    assert mesh_bench.main(["--project", "--configs", "tiny", "--aot-dir", str(tmp_path / "aot"),
+                            "--out", str(tmp_path / "proj")]) == 0
+    rows = json.loads((tmp_path / "proj" / "projection.json").read_text())["rows"]
+    gpu = [r for r in rows if r["source"] == "GPU a100:16x1x8"]
+    assert gpu and all(r["layout"] == "16x4x2" and r["per_device_batch"] == 8 for r in gpu)
+
+
+def test_rows_of_several_targets_for_one_layout_each_get_a_row(tmp_path):
+    gpu = _row()
+    cpu = {**_row(), "target": "cpu:128", "platform": "cpu"}
+    _aot_json(tmp_path / "gpu", [gpu])
+    _aot_json(tmp_path / "cpu", [cpu])
+    assert mesh_bench.main(["--project", "--configs", "tiny", "--aot-dir", f"{tmp_path / 'cpu'},{tmp_path / 'gpu'}",
+                            "--out", str(tmp_path / "proj")]) == 0
+    rows = json.loads((tmp_path / "proj" / "projection.json").read_text())["rows"]
+    assert {r["source"] for r in rows if r["layout"] == "128x1x1"} == {"analytic", "GPU a100:16x1x8",
+                                                                       "XLA:CPU cpu:128"}

@@ -7,5 +7,6 @@
   torch_train.py  a training loss on the PyTorch export mirror (the JAX/PyTorch comparison)
   autoregressive.py  an autoregressive action head on the same backbone (the DNFM latency baseline)
   aot.py          the trainer's programs compiled for absent GPUs / TPU slices (deviceless AOT)
+  search.py       the layout search's candidates, pruning and choice (mesh x remat x microbatch)
   bench/          the benchmark engine: one entry function per mode, the worker subprocesses
 """

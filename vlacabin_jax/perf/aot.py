@@ -2,6 +2,7 @@
 
     parse_target("a100:16x1x8")       -> Target (GPU: <slices>x<hosts per slice>x<GPUs per host>)
     parse_target("tpu:v5p-128")       -> Target (TPU slice, cores as GCP names them)
+    parse_target("cpu:128")           -> Target (XLA:CPU, 128 simulated devices: the sweep's compiler)
     gpu_target_config(chip)           -> GpuTargetConfigProto text of an NVIDIA chip (device facts)
     check_plugin(target)              -> AotError naming the pip install when the plugin is absent
     target_devices(target)            -> the topology's devices (nothing allocated, nothing attached)
@@ -15,6 +16,10 @@ devices, the trainer's own shardings and `jax.jit(...).lower(ShapeDtypeStructs).
 the target's real executable: XLA's memory analysis per device, its cost analysis, and the
 optimized HLO with the collectives the target's compiler forms (reduce-scatters on GPU, which
 XLA:CPU never forms).
+
+`cpu:N` compiles the same programs with XLA:CPU for N simulated host devices (no plugin; nothing
+allocated), the compiler of the XLA:CPU sweeps, so a GPU program's collectives can be set beside
+XLA:CPU's for the same mesh at a size the sweep cannot allocate; it has no memory verdict.
 
 Limits, stated in every row: there is no autotuning without a device (default GEMM configs; on
 GPU Triton GEMMs are off, as their tiling needs a device), the memory is the compiler's estimate
@@ -81,8 +86,8 @@ class AotError(ValueError):
 class Target:
     """An accelerator cluster to compile for.
 
-    name: as written ("a100:16x1x8", "tpu:v5p-128"). platform: "cuda" | "tpu". chip: a key of
-    GPU_CHIPS / TPU_CHIPS. num_devices: JAX devices (GPUs; TPU chips, megacore or not).
+    name: as written ("a100:16x1x8", "tpu:v5p-128", "cpu:128"). platform: "cuda" | "tpu" | "cpu".
+    chip: a key of GPU_CHIPS / TPU_CHIPS, or "cpu". num_devices: JAX devices (GPUs; TPU chips, megacore or not).
     topology: "16x1x8" (GPU) or libtpu's "v5:4x4x4". device_memory_bytes: per device.
     mem_fraction: the share of it a program may use (GPU: JAX's preallocation).
     """
@@ -117,11 +122,16 @@ def torus_dims(chips: int, ndim: int) -> tuple[int, ...]:
 
 def parse_target(text: str) -> Target:
     """"a100:16x1x8" / "h100:1x1x8" (slices x hosts per slice x GPUs per host) or "tpu:v5p-128" /
-    "tpu:v5e-256" / "tpu:v4-8" (GCP slice names: TensorCores for v4/v5p, chips for v5e)."""
+    "tpu:v5e-256" / "tpu:v4-8" (GCP slice names: TensorCores for v4/v5p, chips for v5e), or "cpu:N"
+    (XLA:CPU, N simulated devices)."""
     kind, sep, spec = text.strip().lower().partition(":")
     gpus, tpus = ", ".join(f"{c}:SLICESxHOSTSxGPUS" for c in GPU_CHIPS), ", ".join(f"tpu:{c}-N" for c in TPU_CHIPS)
-    if not sep or (kind not in GPU_CHIPS and kind != "tpu"):
-        raise AotError(f"unknown target {text!r}; use one of {gpus}, {tpus} (e.g. a100:16x1x8, tpu:v5p-128)")
+    if not sep or (kind not in GPU_CHIPS and kind not in ("tpu", "cpu")):
+        raise AotError(f"unknown target {text!r}; use one of {gpus}, {tpus}, cpu:N (e.g. a100:16x1x8, tpu:v5p-128)")
+    if kind == "cpu":
+        if not spec.isdigit() or int(spec) < 1:
+            raise AotError(f"target {text!r}: write cpu:N with N simulated devices, e.g. cpu:128")
+        return Target(text.strip(), "cpu", "cpu", int(spec), spec, 0, 0.0, 1.0)
     if kind in GPU_CHIPS:
         parts = spec.split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -167,6 +177,8 @@ def gpu_target_config(chip: str) -> str:
 def check_plugin(target: Target) -> None:
     """AotError with the install command when the target's compiler is not installed (or its
     version does not match jaxlib's)."""
+    if target.platform == "cpu":
+        return  # XLA:CPU is part of jaxlib
     module = "jax_cuda12_plugin" if target.platform == "cuda" else "libtpu"
     if importlib.util.find_spec(module) is None:
         raise AotError(f"target {target.name} needs the {module} package, which is not installed; run "
@@ -178,14 +190,17 @@ def check_plugin(target: Target) -> None:
                            f"pip install jax-cuda12-plugin=={want}")
 
 
-def prepare_host() -> None:
+def prepare_host(cpu_devices: int = 0) -> None:
     """Run JAX on this host's CPU (the target's plugins only describe and compile) and let libtpu
-    load beside other JAX processes. Call before anything touches a JAX backend."""
+    load beside other JAX processes; with `cpu_devices`, XLA:CPU gets that many (a `cpu:N`
+    target). Call before anything touches a JAX backend."""
     import jax
 
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes may hold its lockfile
     jax.config.update("jax_platforms", "cpu")
+    if cpu_devices:
+        cpu_devices_before_start(cpu_devices)
 
 
 def target_devices(target: Target) -> list:
@@ -194,6 +209,8 @@ def target_devices(target: Target) -> list:
 
     check_plugin(target)
     prepare_host()
+    if target.platform == "cpu":
+        return cpu_devices(target.num_devices)
     if target.platform == "cuda":
         topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target.chip),
                                             topology=target.topology)
@@ -207,6 +224,29 @@ def target_devices(target: Target) -> list:
     if len(devices) != target.num_devices:
         raise AotError(f"target {target.name}: the topology has {len(devices)} devices, expected {target.num_devices}")
     return devices
+
+
+def cpu_devices_before_start(n: int) -> None:
+    """Asks XLA:CPU for at least n devices (`jax_num_cpu_devices`, which overrides XLA_FLAGS' device
+    count) if its backend has not started; else nothing (`cpu_devices` then checks what there is)."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+    except RuntimeError:  # the backend has started: whatever it has must do
+        pass
+
+
+def cpu_devices(n: int) -> list:
+    """n XLA:CPU devices (`cpu_devices_before_start`); AotError when the backend runs with fewer."""
+    import jax
+
+    cpu_devices_before_start(n)
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise AotError(f"target cpu:{n}: XLA:CPU runs with {len(devices)} devices; start the command with "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    return devices[:n]
 
 
 def compiler_options(target: Target) -> dict[str, Any]:
@@ -354,7 +394,11 @@ def analyse(compiled, target: Target, mesh_shape: dict[str, int]) -> dict:
     for kind, row in kinds.items():
         row["axes"] = axes.get(kind, [])
         row["by_axes"] = {",".join(a): s[kind] for a, s in split.items() if s[kind]["ops"]}
-    return {"memory": memory_of(compiled), "hlo_flops": flops_of(compiled), "collectives": kinds, "hlo": text}
+    # The XLA:CPU sweep's convention beside it (`measure.prepare_train_step`): every collective
+    # instruction x its loop trips, no merging by channel id.
+    instruction_bytes = hlo.bytes_by_kind(colls)
+    return {"memory": memory_of(compiled), "hlo_flops": flops_of(compiled), "collectives": kinds,
+            "instruction_bytes": instruction_bytes, "hlo": text}
 
 
 def compile_program(lower: Callable[[], Any], target: Target, mesh_shape: dict[str, int]) -> dict:
@@ -443,8 +487,9 @@ def compile_row(cfg: ml_collections.ConfigDict, target: Target, mesh: tuple[int,
     row["largest_program"] = max(totals, key=totals.get) if totals else None
     if step.get("memory"):
         total = step["memory"]["total_bytes"]
-        row.update(bytes_per_device=total, headroom_bytes=target.usable_bytes - largest,
-                   fits=largest <= target.usable_bytes)
+        known = target.device_memory_bytes > 0  # cpu:N has no device memory to fit
+        row.update(bytes_per_device=total, headroom_bytes=target.usable_bytes - largest if known else None,
+                   fits=largest <= target.usable_bytes if known else None)
     else:
         row.update(bytes_per_device=None, headroom_bytes=None,
                    fits=False if any(r.get("out_of_memory") for r in results.values()) else None)

@@ -10,6 +10,7 @@ the exit code (0, or 1 when its one measurement failed); unusable input raises `
     compile_cache(config, runner, out)      compare.py  first vs second start compile time
     flops(config, out, ...)                 compare.py  HLO FLOPs vs analytic, remat on/off
     aot(targets, config, out, ...)          deviceless.py  compiled for absent GPUs / TPU slices
+    search(target, config, out, ...)        layouts.py  the fastest mesh x remat x microbatch that fits
 
 `common.py` holds what they share (parsing, `Runner`: the worker subprocesses, output files);
 `worker.py` is the measuring subprocess (`python -m vlacabin_jax.perf.bench.worker`).
@@ -20,6 +21,7 @@ from vlacabin_jax.perf.bench.common import BenchError, Runner
 from vlacabin_jax.perf.bench.compare import compile_cache, flops, inference, vs_torch
 from vlacabin_jax.perf.bench.deviceless import aot
 from vlacabin_jax.perf.bench.meshes import DEFAULT_MESHES, scaling, sweep
+from vlacabin_jax.perf.bench.layouts import search
 
 __all__ = ["BenchError", "DEFAULT_MESHES", "Runner", "aot", "compile_cache", "flops", "inference", "project",
-           "scaling", "sweep", "vs_torch"]
+           "scaling", "search", "sweep", "vs_torch"]

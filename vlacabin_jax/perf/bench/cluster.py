@@ -70,9 +70,25 @@ def aot_traffic(row: dict) -> dict[tuple[str, tuple[str, ...]], dict] | None:
     return traffic
 
 
+def aot_label(row: dict) -> str:
+    """The source column of an aot.json row: 'GPU a100:16x1x8', 'XLA:CPU cpu:128', 'TPU tpu:v5p-128'."""
+    platform = row.get("platform") or ("cpu" if str(row.get("target", "")).startswith("cpu:") else "cuda")
+    return {"cuda": "GPU", "cpu": "XLA:CPU", "tpu": "TPU"}.get(platform, platform) + " " + row["target"]
+
+
+def _compute_batch(row: dict, default: int) -> int:
+    """Samples of compute per device of an aot.json row: global batch / devices (a tensor-parallel
+    device holds global / (data x fsdp) rows but does 1/tensor of their work); older rows without
+    the global batch: their per-device batch."""
+    if row.get("global_batch") and row.get("num_devices"):
+        return max(int(row["global_batch"]) // int(row["num_devices"]), 1)
+    return max(int(row.get("per_device_batch") or default), 1)
+
+
 def _aot_rows(paths: str | None, devices: int) -> dict[tuple[str, str], dict]:
-    """{(variant, mesh): aot.json row} of the `--aot-dir` directories, rows compiled for `devices`
-    devices whose train step compiled (a later directory's row replaces an earlier one's)."""
+    """{(variant, mesh, target): aot.json row} of the `--aot-dir` directories, rows compiled for
+    `devices` devices whose train step compiled (a later directory's row replaces an earlier one's
+    of the same target)."""
     found: dict = {}
     for d in filter(None, (paths or "").split(",")):
         f = Path(d) / "aot.json" if not d.endswith(".json") else Path(d)
@@ -87,7 +103,7 @@ def _aot_rows(paths: str | None, devices: int) -> dict[tuple[str, str], dict]:
         for r in rows:
             variant = r.get("variant") or str(payload.get("config", "")).rsplit(":", 1)[-1]
             if r.get("num_devices") == devices and aot_traffic(r) is not None:
-                found[(variant, r["mesh"])] = r
+                found[(variant, r["mesh"], r.get("target", ""))] = r
     if paths and not found:
         raise BenchError(f"--aot-dir {paths}: no row with a compiled train step for {devices} devices")
     return found
@@ -105,7 +121,7 @@ def project(config: str, configs: str, out: str | Path, overrides: Sequence[str]
 
     found = _sweeps(sweeps)
     compiled = _aot_rows(aot_dirs, projection.Cluster().size)
-    width = max([9] + [len("GPU " + r["target"]) for r in compiled.values()])
+    width = max([9] + [len(aot_label(r)) for r in compiled.values()])
     config_file = config.partition(":")[0]
     rows, lines = [], []
     head = (f"{'config':9} {'layout':8} {'source':{width}} {'IB Gb/s':>7} {'B/dev':>5} {'compute ms':>10} "
@@ -133,10 +149,10 @@ def project(config: str, configs: str, out: str | Path, overrides: Sequence[str]
                 cfg.train.global_batch_size = per_device * math.prod(layout.values())
                 traffic, source, kind = analytic.minimum_bytes(cfg, layout, params), "analytic", "analytic"
             sources = [(traffic, source, kind, per_device)]
-            aot_row = compiled.get((variant, layout_name))
-            if aot_row is not None:
-                sources.append((aot_traffic(aot_row), "GPU " + aot_row["target"], "aot " + aot_row["target"],
-                                max(int(aot_row.get("per_device_batch") or per_device), 1)))
+            for (v, mesh, _), aot_row in compiled.items():
+                if (v, mesh) == (variant, layout_name):
+                    sources.append((aot_traffic(aot_row), aot_label(aot_row), "aot " + aot_row["target"],
+                                    _compute_batch(aot_row, per_device)))
             effs = {}
             for ib in (200.0, 400.0):
                 cluster = projection.Cluster(ib_Gbps=ib)
@@ -174,9 +190,10 @@ def project(config: str, configs: str, out: str | Path, overrides: Sequence[str]
                  f"8-device mesh m (same sharded axes, same per-device batch), 'analytic' = the minimum of "
                  f"vlacabin_jax/perf/analytic.py. Model assumptions:")
     if compiled:
-        lines.append("'GPU t' = the train step's collectives as compiled for target t on the same mesh "
-                     "(--aot-dir aot.json: unique channel ids, loop trip counts applied, each group set on its "
-                     "own axes); its compute is the same analytic figure at the compiled per-device batch")
+        lines.append("'GPU t' ('XLA:CPU cpu:N', 'TPU t') = the train step's collectives as compiled for target t "
+                     "on the same mesh (--aot-dir aot.json: unique channel ids, loop trip counts applied, each "
+                     "group set on its own axes); its compute is the same analytic figure at the compiled "
+                     "per-device batch (global batch / devices)")
     lines += [f"  - {a}" for a in projection.ASSUMPTIONS]
     text = "\n".join(lines)
     print(text)

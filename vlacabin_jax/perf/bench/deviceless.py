@@ -38,9 +38,12 @@ def row_lines(row: dict) -> list[str]:
                      f"  out {_gib(m.get('output_bytes'))}  temp {_gib(m.get('temp_bytes'))}"
                      f"  alias {_gib(m.get('alias_bytes'))}  total {_gib(m.get('total_bytes'))}")
     verdict = {True: "FITS", False: "DOES NOT FIT", None: "unknown"}[row["fits"]]
-    lines.append(f"  train step {_gib(row['bytes_per_device'])} GiB of {_gib(row['usable_bytes'])} usable "
-                 f"({row['mem_fraction']:.0%} of {_gib(row['device_memory_bytes'])}); largest program "
-                 f"{row.get('largest_program') or '-'}, headroom {_gib(row['headroom_bytes'])} GiB: {verdict}")
+    if not row["device_memory_bytes"]:  # cpu:N
+        lines.append(f"  train step {_gib(row['bytes_per_device'])} GiB per device (XLA:CPU: no device memory to fit)")
+    else:
+        lines.append(f"  train step {_gib(row['bytes_per_device'])} GiB of {_gib(row['usable_bytes'])} usable "
+                     f"({row['mem_fraction']:.0%} of {_gib(row['device_memory_bytes'])}); largest program "
+                     f"{row.get('largest_program') or '-'}, headroom {_gib(row['headroom_bytes'])} GiB: {verdict}")
     f = row["flops"]
     if f["hlo_per_device"]:
         lines.append(f"  FLOPs/device: HLO {f['hlo_per_device']:.3g} ({f.get('hlo_source', 'compiled')}), model "
@@ -66,7 +69,7 @@ def aot(targets: str, config: str, out: str | Path, overrides: Sequence[str] = (
         target_list = [deviceless.parse_target(t) for t in targets.split(",") if t.strip()]
         for target in target_list:
             deviceless.check_plugin(target)
-        deviceless.prepare_host()
+        deviceless.prepare_host(max([t.num_devices for t in target_list if t.platform == "cpu"], default=0))
         cfg = load_config(config, overrides)
         mesh_list = parse_meshes(meshes) if meshes else [None]
         program_list = [p.strip() for p in programs.split(",") if p.strip()]
