@@ -67,10 +67,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Pretrained anchor: a safetensors file from `python -m tools.import_hf` (vit/ and/or lm/
     # params, matching model.vit / model.lm); read when a run starts fresh. "" = random anchor.
     m.anchor_weights = ""
-    m.remat = variant in ("base", "a100x128")  # rematerialise transformer blocks in backward
+    # Rematerialise transformer blocks in the backward pass. Off for base: on 8 H100 (32 samples
+    # per GPU, mesh 8x1x1) the train step needs 17.6 GiB of 59.3 usable without it, and remat
+    # "full" costs 1.167x the model's FLOPs (`python -m tools.mesh_bench --aot h100:1x1x8 --config
+    # configs/vla_cabin.py:base --search`, docs/performance.md; on fewer GPUs raise
+    # train.grad_accum_steps or turn remat on). On for a100x128 (its policy below).
+    m.remat = variant == "a100x128"
     # What a rematerialised block keeps (vlacabin_jax/model/layers.py REMAT_POLICIES): "full"
     # (nothing: least memory, most recompute) or "dots" (weight matmul outputs: less recompute).
-    m.remat_policy = "full"
+    # a100x128: "dots", the fastest that fits an 80 GB A100 with 10% headroom at mesh 128x1x1
+    # (`python -m tools.mesh_bench --aot a100:16x1x8 --config configs/vla_cabin.py:a100x128 --search`,
+    # docs/performance.md): 50.3 GiB of 59.4 usable, 1.005x the model's FLOPs (full: 1.142x),
+    # projected 1718 ms per step at 200 Gb/s IB against 1874 ms with "full"; remat off needs 62.2 GiB.
+    m.remat_policy = {"a100x128": "dots"}.get(variant, "full")
     m.scan_layers = True  # scan over layers (fast compile); False unrolls (exact XLA FLOP counts)
     # jax.nn.dot_product_attention implementation: "" (JAX's default, which is XLA's attention as
     # of JAX 0.10), "xla", or "cudnn" (cuDNN fused attention; GPU with bf16/fp16 compute only).
@@ -198,6 +207,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.tokenizer = ""
 
     c.mesh = ml_collections.ConfigDict()
+    # base and a100x128 included: pure data parallelism is the fastest layout that fits their
+    # targets (8 H100: 8x1x1; 16 x 8 A100: 128x1x1, 1718 ms projected per step against 1796 for
+    # 64x2x1 and 1823 for 64x1x2), by `python -m tools.mesh_bench --aot ... --search`
+    # (docs/performance.md, "Search").
     c.mesh.data = -1  # data-parallel axis size; -1 takes the devices left over
     c.mesh.fsdp = 1  # fully-sharded data-parallel axis (params sharded over embed)
     c.mesh.tensor = 1  # tensor-parallel axis (mlp, heads, vocab)
@@ -209,7 +222,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     tr.stage = "joint"  # joint (all terms, full mixture) | pretrain | sft | align; see configs/stages/
     tr.steps = {"tiny": 400, "small": 20_000, "base": 100_000, "a100x128": 200_000}[variant]  # optimizer steps
     tr.global_batch_size = {"tiny": 16, "small": 64, "base": 256, "a100x128": 1024}[variant]  # all devices
-    tr.grad_accum_steps = 1  # microbatches per step (lax.scan); must divide the per-device batch
+    # Microbatches per step (lax.scan); must divide the per-device batch. 1 for base and a100x128
+    # too: each microbatch reduces its gradients again (a100x128 at 128x1x1: 5.2 GiB of all-reduce
+    # per microbatch), so accumulation only pays where memory forces it (docs/performance.md).
+    tr.grad_accum_steps = 1
     tr.seed = 0  # params init, per-step rngs (folded with the step) and data shuffling
     tr.log_every = {"tiny": 20, "small": 50, "base": 100, "a100x128": 100}[variant]  # steps per host sync
     tr.eval_every = {"tiny": 200, "small": 1000, "base": 2000, "a100x128": 2000}[variant]  # 0: no eval

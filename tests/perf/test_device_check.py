@@ -23,7 +23,7 @@ def test_plan_runs_the_configs_remat_first_and_every_section():
     from vlacabin_jax.config import load_config
 
     base = dc.plan(load_config("configs/vla_cabin.py:base", []), smoke=False)
-    assert [s["name"] for s in base] == ["remat_full", "remat_none", "remat_dots", "attention_cudnn", "inference",
+    assert [s["name"] for s in base] == ["remat_none", "remat_dots", "remat_full", "attention_cudnn", "inference",
                                          "vs_torch"]
     assert base[3]["overrides"] == ["--config.model.remat=False", "--config.model.attention_impl=cudnn"]
     assert base[4]["ks"] == "1,2,4,8" and base[5]["torch_modes"] == "eager,compile"
