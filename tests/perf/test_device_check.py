@@ -1,6 +1,6 @@
 """The device check (`bash tools/device_check.sh`, `vlacabin_jax/perf/bench/device_check.py`): its
-plan and budget with stand-in workers (no compile), and one real smoke run on tiny on the CPU whose
-JSON holds every section with measured values."""
+plan and budget with stand-in workers (no compile). The real run on the CPU (`--smoke`, minutes: one
+worker and compile per section) is a documented check in docs/performance.md, not a unit test."""
 from __future__ import annotations
 
 import json
@@ -77,28 +77,3 @@ def test_one_failure_or_timeout_loses_only_itself_and_the_budget_bounds_the_run(
     assert dc.device_check(TINY, tmp_path, global_batch=2, steps=1, budget_s=50.0, smoke=True, log=lambda s: None) == 0
     skipped = json.loads((tmp_path / "device_check.json").read_text())["sub_measurements"]
     assert calls == ["remat_none"] and sum(v.get("skipped", False) for v in skipped.values()) == 5
-
-
-def test_cpu_smoke_run_fills_every_section_with_measured_values(tmp_path):
-    """The real thing, shrunk: tiny, 2 rows, 1 step, each sub-measurement its own worker process."""
-    rc = dc.device_check(TINY, tmp_path, global_batch=2, steps=1, budget_s=3000.0, smoke=True)
-    got = json.loads((tmp_path / "device_check.json").read_text())
-    s = got["sections"]
-    assert rc == 0 and set(dc.SECTIONS) <= set(s) and got["device"].startswith("cpu")
-    for remat in ("none", "dots", "full"):
-        row, mem = s["remat"][remat], s["memory"][f"remat_{remat}"]
-        if remat != "none" and "UnexpectedTracerError" in row.get("error", ""):
-            # Known, outside the device check: creating a train state with model.remat=True leaks a
-            # tracer (init traces `infer`, whose explanation fori_loop runs the rematerialised
-            # LayerStack); the row must then say so in one line, and the rest must still run.
-            continue
-        assert row["median_step_s"] > 0 and row["achieved_tflops"] > 0 and math.isfinite(row["loss"]), remat
-        assert mem["estimate_bytes"] > 0 and mem["measured_bytes"] > 0 and "RSS" in mem["source"], remat
-    assert s["attention"]["xla"] == s["remat"]["none"] and s["attention"]["remat"] == "none"
-    assert "NVIDIA GPU" in s["attention"]["cudnn"]["error"]  # cuDNN is refused on the CPU, in one line
-    assert s["vs_torch"]["jax"]["median_step_s"] > 0 and s["vs_torch"]["torch_eager"]["median_step_s"] > 0
-    assert s["vs_torch"]["torch_device"] == "cpu"
-    decisions = s["inference"]["decisions"]
-    assert set(decisions) == {"backbone", "dnfm_K1", "dnfm_K2", "autoregressive"}
-    assert all(row["median_s"] > 0 for row in decisions.values())
-    assert "attention_cudnn" in got["failed"] and set(got["failed"]) <= {"attention_cudnn", "remat_dots", "remat_full"}
