@@ -40,6 +40,13 @@ def test_score_counts_success_exact_match_and_groups(samples):
     assert noop["per_group"]["noop"]["success_rate"] == 1.0 and noop["per_group"]["noop"]["n"] == n_noop
     assert noop["per_group"]["single"]["exact_match"] == 0.0
     assert sum(g["n"] for g in noop["per_group"].values()) == len(samples)
+    modes = noop["per_mode"]
+    assert set(modes) == set(ladder.MODES) and sum(m["n"] for m in modes.values()) == len(samples)
+    assert modes["spoken_only"]["n"] == sum(s["mel"] is not None and not s["text"] for s in samples) > 0
+    assert modes["typed"]["n"] == sum(s["mel"] is None for s in samples) > 0
+    chat = noop["per_request"]["chitchat"]  # always <noop>: answering <noop> gets every one
+    assert chat["n"] > 0 and chat["success_rate"] == 1.0
+    assert sum(r["n"] for r in noop["per_request"].values()) == len(samples)
     broken = ladder.score([Prediction((), error="<eos> before any action")] * len(samples), samples)
     assert broken["invalid_rate"] == 1.0 and broken["success_rate"] == 0.0
 

@@ -35,6 +35,15 @@ from vlacabin_jax.data.actions import NOOP
 from vlacabin_jax.eval import evaluate, metrics
 
 GROUPS = ("single", "scene_mode", "follow_up", "noop")
+# How the request reached the model: typed text, spoken with its transcript, or in the mel alone.
+MODES = ("typed", "spoken", "spoken_only")
+
+
+def input_mode(sample: dict) -> str:
+    """`MODES` entry of a VLA sample of `world.generate` (text and mel as the batch carries them)."""
+    if sample.get("mel") is None:
+        return "typed"
+    return "spoken" if sample.get("text") else "spoken_only"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +146,9 @@ def train_rung(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequen
 
 
 def score(predictions: Sequence[metrics.Prediction], samples: Sequence[dict]) -> dict:
-    """Heldout success, exact match and invalid-sequence rate, overall and per request group
-    (`GROUPS`: single requests, scenes, follow-ups, and the turns whose answer is `<noop>`)."""
+    """Heldout success, exact match and invalid-sequence rate, overall, per request group
+    (`GROUPS`: single requests, scenes, follow-ups, and the turns whose answer is `<noop>`), per
+    input mode (`MODES`) and per request type (`per_request`: where the points are lost)."""
     recs = [metrics.score_sample(s, p) for s, p in zip(samples, predictions)]
     exact = [tuple(p.actions) == tuple(s["actions"]) and p.error is None for s, p in zip(samples, predictions)]
 
@@ -156,6 +166,9 @@ def score(predictions: Sequence[metrics.Prediction], samples: Sequence[dict]) ->
     out = rates(every)
     out["violation_rate"] = float(np.mean([r["violation"] for r in recs])) if recs else None
     out["per_group"] = {g: rates(idx) for g, idx in groups.items()}
+    out["per_mode"] = {m: rates([i for i in every if input_mode(samples[i]) == m]) for m in MODES}
+    out["per_request"] = {t: rates([i for i in every if samples[i]["scene"] == t])
+                          for t in sorted({s["scene"] for s in samples})}
     return out
 
 
@@ -195,8 +208,9 @@ def run_ladder(cfg: ml_collections.ConfigDict, names: Sequence[str], steps: int,
             n_params = functional.param_count(trainable)
         rows.append({"name": name, "description": RUNGS[name].description, "train_s": train_s,
                      "params": n_params, "by_k": by_k, "curve": curve})
-        best = max(r["success_rate"] for r in by_k.values())
-        log(f"rung {name}: success {best:.3f} ({train_s:.0f} s training)")
+        best = max(by_k.values(), key=lambda r: r["success_rate"])
+        modes = " / ".join(f"{m} {best['per_mode'][m]['success_rate'] or 0.0:.3f}" for m in MODES)
+        log(f"rung {name}: success {best['success_rate']:.3f} ({modes}; {train_s:.0f} s training)")
     return {"steps": int(steps), "global_batch_size": int(cfg.train.global_batch_size),
             "num_samples": int(num_samples), "rungs": rows}
 
