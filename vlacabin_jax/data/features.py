@@ -150,8 +150,7 @@ def featurize(sample: dict, cfg, tokenizer, vocab: ActionVocabulary) -> dict[str
         if frames.shape[1:] != (size, size, 3):
             raise ValueError(f"frames shape {frames.shape} does not match image_size={size}")
         if frames.dtype != spec.FRAMES_DTYPE:  # records only ever held uint8; the model scales them
-            raise ValueError(f"frames are {frames.dtype}, expected uint8 RGB in [0, 255] (the batch contract; "
-                             f"convert float frames in [0, 1] with np.round(x * 255).astype(np.uint8))")
+            raise ValueError(spec.frames_dtype_error(frames.dtype))
         out["frames"], out["frame_mask"] = _pad_to(frames, d.num_frames, "frames")
     else:
         frames = None

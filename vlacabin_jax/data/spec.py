@@ -31,6 +31,12 @@ FRAMES_DTYPE = np.uint8
 _INV_255 = np.float32(1.0 / 255.0)
 
 
+def frames_dtype_error(dtype) -> str:
+    """The one-line refusal of frames that are not uint8 (featurize, the model's scaling)."""
+    return (f"frames are {dtype}, expected uint8 RGB in [0, 255] (the batch contract; convert float "
+            f"frames in [0, 1] with np.round(x * 255).astype(np.uint8))")
+
+
 def frames_unit(frames):
     """uint8 frames [0, 255] -> float32 in [0, 1]: float32(x) * float32(1 / 255), numpy or JAX
     (bit-identical to what the host pipeline computed before frames crossed as uint8).
@@ -38,8 +44,7 @@ def frames_unit(frames):
     Raises TypeError for anything but uint8 (float frames would be silently scaled twice or not at
     all)."""
     if frames.dtype != FRAMES_DTYPE:
-        raise TypeError(f"frames are {frames.dtype}, the batch contract's frames are uint8 RGB in [0, 255] "
-                        f"(convert float frames in [0, 1] with np.round(x * 255).astype(np.uint8))")
+        raise TypeError(frames_dtype_error(frames.dtype))
     return frames.astype(np.float32) * _INV_255
 
 

@@ -22,8 +22,9 @@ Every sub-measurement is its own worker subprocess (`worker.py`) with its own ti
 an out-of-memory or a hang loses that one only; the JSON is rewritten after each. `--budget`
 bounds the whole run: a sub gets at most its share of it (each train run and the inference run
 22 %, vs_torch 33 %) and never more than is left; one that no longer fits is "skipped: budget".
-`--smoke` (the CPU test): K = 1, 2 only, PyTorch eager only, XLA's optimisations mostly off for
-compile speed (its figures check the plumbing, they are no measurement).
+`--smoke` (the CPU plumbing check, run by hand: docs/performance.md): K = 1, 2 only, PyTorch eager only,
+XLA's optimisations mostly off for compile speed (its figures check the plumbing, they are no
+measurement).
 """
 
 from __future__ import annotations
