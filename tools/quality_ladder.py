@@ -8,6 +8,9 @@ Rungs (`vlacabin_jax.eval.ladder.RUNGS`): `features` (a plain MLP over the featu
 the model), `seed` (the architecture before the route fixes), `seed+<fix>` (one fix alone),
 `full` (every fix), `full_ar` (an autoregressive head on full's backbone). Writes
 `<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument.
+
+`--probe speech` trains no rung: it trains the model's speech encoder alone to name the request
+of a turn from its mel (`vlacabin_jax.eval.route_probe`) for --steps and writes `<out>/probe.json`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", default="1,2,4,8", help="DNFM sampler steps K to score")
     parser.add_argument("--curve-every", type=int, default=0, help="score the learning curve every N steps (0: off)")
     parser.add_argument("--curve-samples", type=int, default=200, help="heldout turns per curve point")
+    parser.add_argument("--probe", choices=("speech",), default=None,
+                        help="instead of the ladder: can this route's encoder alone read the request?")
     args, rest = parser.parse_known_args(argv)
     bad = [r for r in rest if not r.startswith("--config.")]
     if bad:
@@ -54,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.probe == "speech":
+        from vlacabin_jax.eval import route_probe
+
+        probe = route_probe.speech_probe(cfg, args.steps, num_heldout=args.num_samples)
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in probe.items()))
+        (args.out / "probe.json").write_text(json.dumps(dict(probe, config=args.config, overrides=rest), indent=1))
+        print(f"wrote {args.out / 'probe.json'}")
+        return 0
     result = ladder.run_ladder(cfg, names, args.steps, args.num_samples, ks, args.curve_every, args.curve_samples)
     result["config"] = args.config
     result["overrides"] = rest

@@ -4,7 +4,9 @@
 from the pretrain stage's params (fresh optimizer, step 0; the loaded / new / dropped params are
 printed and logged to events.jsonl). The DNFM terms and the explanation head train; the latent KL
 stays on as a regulariser, InfoNCE and reconstruction are off. Everything but the anchor trains
-(the anchor the pretrain stage trained, or an imported one, is frozen from here on).
+(the anchor the pretrain stage trained, or an imported one, is frozen from here on). Run alone on
+tiny (no init_from, no anchor_weights) the frozen anchor is random and the model stays at the
+`<noop>` floor; add --config.train.trainable=all_and_anchor, as the quality ladder's `full` rung does.
 """
 
 from __future__ import annotations
