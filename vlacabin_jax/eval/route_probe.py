@@ -7,8 +7,8 @@ as in the model) under a small attention-and-max-pool head is trained with Adam 
 request type (the world's `scene`) of a VLA turn from its log-mel alone, on turns that carry a
 mel; heldout accuracy is reported overall and on spoken-only turns (no text). A high figure here
 beside spoken-only success near the `<noop>` floor in the full model says the information is
-legible and the encoder can learn it, and that what is missing is the gradient through the rest
-of the model (docs/evaluation.md, "Where the points are lost").
+legible and the encoder can learn it, so the request is lost further on, inside the model
+(docs/evaluation.md, "Speech: legible, learnable alone, not learnt inside the model").
 """
 
 from __future__ import annotations
@@ -26,15 +26,11 @@ from vlacabin_jax.eval import evaluate
 from vlacabin_jax.model import encoders
 
 
-def mel_rows(samples: list[dict], mel_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Samples with a mel → (mel float32 [n, mel_frames, n_mels] zero-padded, mask bool [n, mel_frames])."""
-    n_mels = samples[0]["mel"].shape[1]
-    mel = np.zeros((len(samples), mel_frames, n_mels), np.float32)
-    mask = np.zeros((len(samples), mel_frames), bool)
-    for i, s in enumerate(samples):
-        m = s["mel"][:mel_frames]
-        mel[i, :len(m)], mask[i, :len(m)] = m, True
-    return mel, mask
+def mel_inputs(samples: list[dict], cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own speech inputs of `samples`, featurized as in training: (mel float32
+    [n, mel_frames, n_mels], mel_mask bool [n, mel_frames])."""
+    rows = [(b["mel"][:n], b["mel_mask"][:n]) for b, n in evaluate.batches(samples, cfg, 256)]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
 
 
 class SpeechProbe(nn.Module):
@@ -60,7 +56,7 @@ def speech_probe(cfg: ml_collections.ConfigDict, steps: int, num_train: int = 12
     """Train `SpeechProbe` on the train split's VLA turns with a mel; score the heldout split's.
 
     Args:
-      cfg: a full config (its `model` and `data.mel_frames` set the encoder and the mel length).
+      cfg: a full config (its `model` sets the encoder, its `data` the featurized mel).
       steps: Adam steps of `batch_size` rows; num_train / num_heldout: world turns drawn (those
         without a mel are dropped).
     Returns:
@@ -73,7 +69,7 @@ def speech_probe(cfg: ml_collections.ConfigDict, steps: int, num_train: int = 12
     held = [s for s in evaluate.eval_samples(cfg, num_heldout) if s["mel"] is not None]
     types = sorted({s["scene"] for s in train + held})
     index = {t: i for i, t in enumerate(types)}
-    (x_tr, m_tr), (x_he, m_he) = (mel_rows(s, int(cfg.data.mel_frames)) for s in (train, held))
+    (x_tr, m_tr), (x_he, m_he) = mel_inputs(train, cfg), mel_inputs(held, cfg)
     y_tr = np.array([index[s["scene"]] for s in train])
     y_he = np.array([index[s["scene"]] for s in held])
     spoken_only = np.array([not s.get("text") for s in held])
@@ -98,7 +94,8 @@ def speech_probe(cfg: ml_collections.ConfigDict, steps: int, num_train: int = 12
     # Heldout from the latent means, as the model infers.
     infer = jax.jit(lambda p, x, m: SpeechProbe(cfg.model, len(types), noise=False).apply(p, x, m, jax.random.key(0)))
     right = np.asarray(infer(params, x_he, m_he)).argmax(-1) == y_he
-    return {"accuracy": float(right.mean()), "spoken_only_accuracy": float(right[spoken_only].mean()) if spoken_only.any() else float("nan"),
+    spoken_only_accuracy = float(right[spoken_only].mean()) if spoken_only.any() else float("nan")
+    return {"accuracy": float(right.mean()), "spoken_only_accuracy": spoken_only_accuracy,
             "chance": float(np.bincount(y_he).max() / len(y_he)), "num_classes": len(types),
             "train_turns": len(train), "heldout_turns": len(held), "steps": steps,
             "seconds": round(time.time() - t0, 1)}
