@@ -5,7 +5,8 @@ simulator success (overall, per request group, per K), exact match and invalid-s
         [--rungs features,seed,full,...] [--num-samples 1000] [--curve-every 250] [--config.a.b=v ...]
 
 Rungs (`vlacabin_jax.eval.ladder.RUNGS`): `features` (a plain MLP over the featurized batch, not
-the model), `seed` (the architecture before the route fixes), `seed+<fix>` (one fix alone),
+the model), `transformer` (a plain transformer over the batch's text, state, tag and log tokens,
+no perception, not the model), `seed` (the architecture before the route fixes), `seed+<fix>` (one fix alone),
 `full` (every fix), `full_ar` (an autoregressive head on full's backbone). Writes
 `<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument.
 

@@ -1,12 +1,14 @@
-"""The quality ladder: rung configs, the score of a policy, the feature baseline end to end, the CLI."""
+"""The quality ladder: rung configs, the score of a policy, the plain baselines end to end, the CLI."""
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from configs.stages.sft import get_config
 from tools import quality_ladder
 from vlacabin_jax.data.actions import NOOP
-from vlacabin_jax.eval import evaluate, ladder
+from vlacabin_jax.eval import evaluate, feature_baseline, ladder
 from vlacabin_jax.eval.metrics import Prediction
 
 
@@ -51,18 +53,34 @@ def test_score_counts_success_exact_match_and_groups(samples):
     assert broken["invalid_rate"] == 1.0 and broken["success_rate"] == 0.0
 
 
-def test_feature_rung_trains_and_writes_its_table(tmp_path, capsys):
+def test_plain_rungs_train_and_write_their_table(tmp_path, capsys):
     out = tmp_path / "ladder"
-    rc = quality_ladder.main(["--config", "configs/stages/sft.py:tiny", "--steps", "3", "--rungs", "features",
-                              "--num-samples", "16", "--curve-every", "3", "--curve-samples", "8",
-                              "--out", str(out), "--config.train.global_batch_size=8"])
+    rc = quality_ladder.main(["--config", "configs/stages/sft.py:tiny", "--steps", "3",
+                              "--rungs", "features,transformer", "--num-samples", "16", "--curve-every", "3",
+                              "--curve-samples", "8", "--out", str(out), "--config.train.global_batch_size=8"])
     assert rc == 0
     result = json.loads((out / "ladder.json").read_text())
-    (row,) = result["rungs"]
-    assert row["name"] == "features" and row["params"] > 0 and [c["step"] for c in row["curve"]] == [3]
-    assert 0.0 <= row["by_k"]["-"]["success_rate"] <= 1.0 and row["by_k"]["-"]["invalid_rate"] == 0.0
+    assert [row["name"] for row in result["rungs"]] == ["features", "transformer"]
+    for row in result["rungs"]:
+        assert row["params"] > 0 and [c["step"] for c in row["curve"]] == [3]
+        assert 0.0 <= row["by_k"]["-"]["success_rate"] <= 1.0 and row["by_k"]["-"]["invalid_rate"] == 0.0
     assert (out / "ladder.png").stat().st_size > 0
-    assert "features" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rung features" in printed and "rung transformer" in printed
+
+
+def test_token_transformer_reads_state_and_text_but_no_perception(samples):
+    cfg = get_config("tiny")
+    batch, _ = next(evaluate.batches(samples[:4], cfg, 4))
+    net = feature_baseline.TokenTransformer(cfg)
+    params = net.init(jax.random.key(0), batch)["params"]
+    logits = net.apply({"params": params}, batch)
+    assert logits.shape == (4, cfg.model.action_len, cfg.model.dnfm.vocab_size)
+    blind = dict(batch, frames=np.zeros_like(batch["frames"]), mel=np.zeros_like(batch["mel"]))
+    np.testing.assert_array_equal(net.apply({"params": params}, blind), logits)
+    for field, value in (("state_numeric", 0.5), ("text_tokens", 7)):
+        changed = dict(batch, **{field: np.full_like(batch[field], value)})
+        assert np.abs(np.asarray(net.apply({"params": params}, changed)) - np.asarray(logits)).max() > 1e-4, field
 
 
 @pytest.mark.parametrize("argv, message", [

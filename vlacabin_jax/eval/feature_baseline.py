@@ -1,9 +1,10 @@
-"""The ladder's feature baseline: a plain MLP over the featurized batch, not the model.
+"""The ladder's plain learners over the batch, not the model: the `features` and `transformer` rungs.
 
     batch_features(batch, cfg)  -> [b, n_features] float32 (fixed, no learned encoder)
     FeatureMLP(cfg)             -> per-position action logits [b, action_len, vocab]
-    train(cfg, steps, ...)      -> ({"mlp", "stats"}, curve), on the trainer's batches
-    predict(params, cfg, samples) -> predictions (grammar-constrained decode)
+    TokenTransformer(cfg)       -> the same logits from the batch's tokens (no perception)
+    train(cfg, steps, ..., learner) -> ({"net", "stats"}, curve), on the trainer's batches
+    predict(params, cfg, samples, learner) -> predictions (grammar-constrained decode)
 
 The features are what the batch contract carries, flattened with no knowledge of the cabin:
 bags of the current and the earlier turns' text tokens, the raw log-mel, frames average-pooled
@@ -15,6 +16,12 @@ The features are standardised with statistics of the first `_STAT_BATCHES` train
 (kept beside the weights, not trained): raw, the 1024 mel values and the pixel pools swamp the
 sparse text bags under one LayerNorm, and the MLP sat at the `<noop>` floor (24.6 % heldout
 success at 2000 x 32, against 36-50 % standardised on the same budget).
+
+The `transformer` learner is a small bidirectional transformer (tiny's widths) over the tokens that
+need no perception: text (with positions), one token per state field (the model's own numeric
+Fourier map and categorical table), the active constraint tags and the earlier turn's action log,
+then `action_len` query slots. It cannot hear spoken-only requests nor see the camera, so it is a
+floor on what the model should reach, and its curve shows how fast a plain learner gets there.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from vlacabin_jax.data.actions import EOS_ID
 from vlacabin_jax.data.spec import frames_unit
 from vlacabin_jax.eval import evaluate, simulator
 from vlacabin_jax.eval.metrics import Prediction
-from vlacabin_jax.model import dnfm
+from vlacabin_jax.model import dnfm, layers
 from vlacabin_jax.train.optimizer import make_optimizer
 
 _POOL = 8  # frames are average-pooled to _POOL × _POOL pixels
@@ -95,12 +102,64 @@ class FeatureMLP(nn.Module):
         return nn.Dense(self.action_len * self.vocab_size)(x).reshape(x.shape[0], self.action_len, self.vocab_size)
 
 
+class TokenTransformer(nn.Module):
+    """batch dict → action logits [b, action_len, vocab] (module docstring, `transformer` learner)."""
+
+    cfg: ml_collections.ConfigDict  # the full config
+
+    @nn.compact
+    def __call__(self, batch: dict) -> jax.Array:
+        m = self.cfg.model
+        e = m.encoder
+        width, b = e.width, batch["text_tokens"].shape[0]
+        normal = nn.initializers.normal(0.02)
+
+        def table(name: str, n: int) -> jax.Array:
+            return self.param(name, normal, (n, width))
+
+        text = nn.Embed(m.lm.vocab_size, width, embedding_init=normal, name="text")(batch["text_tokens"])
+        text = text + table("text_position", text.shape[1])
+        numeric = batch["state_numeric"].astype(jnp.float32)[..., None]
+        angles = numeric * (jnp.pi * 2.0 ** jnp.arange(6, dtype=jnp.float32))
+        numeric = jnp.concatenate([numeric, jnp.sin(angles), jnp.cos(angles)], -1)  # [b, n_num, 13]
+        n_num = numeric.shape[1]
+        scale = self.param("numeric_scale", nn.initializers.normal(numeric.shape[-1] ** -0.5),
+                           (n_num, numeric.shape[-1], width))
+        numeric = jnp.einsum("bnf,nfw->bnw", numeric, scale) + table("numeric_field", n_num)
+        sizes = tuple(m.state.categorical_sizes)
+        offsets = jnp.cumsum(jnp.array((0,) + sizes[:-1], jnp.int32))
+        categorical = nn.Embed(sum(sizes), width, embedding_init=normal, name="categorical")(
+            jnp.clip(batch["state_categorical"], 0, jnp.array(sizes) - 1) + offsets)
+        categorical = categorical + table("categorical_field", len(sizes))
+        tags = jnp.broadcast_to(table("tag", m.bridge.n_constraint_tags), (b, m.bridge.n_constraint_tags, width))
+        log = (nn.Embed(m.dnfm.vocab_size, width, embedding_init=normal, name="log_action")(batch["history_actions"])
+               + nn.Embed(m.dnfm.vocab_size, width, embedding_init=normal, name="log_before")(batch["history_before"])
+               + table("log_position", m.action_len))
+        slots = jnp.broadcast_to(table("action_slot", m.action_len), (b, m.action_len, width))
+        x = jnp.concatenate([text, numeric, categorical, tags, log, slots], 1)
+        valid = jnp.concatenate([batch["text_mask"], jnp.ones((b, n_num + len(sizes)), jnp.bool_),
+                                 batch["constraint_tags"], batch["history_actions"] > EOS_ID,
+                                 jnp.ones((b, m.action_len), jnp.bool_)], 1)
+        mask = layers.attention_mask(None, valid, causal=False)
+        for i in range(2 * e.depth):
+            x, _ = layers.EncoderBlock(e.heads, width // e.heads, e.mlp_dim, name=f"block{i}")(x, mask)
+        x = layers.LayerNorm(name="ln")(x[:, -m.action_len:])
+        return nn.Dense(m.dnfm.vocab_size, name="logits")(x)
+
+
+LEARNERS = ("mlp", "transformer")
+
+
 def _sep_id(cfg) -> int:
     """The id `features.featurize` puts between turns."""
     return features.sep_id(features.load_tokenizer(cfg.data.tokenizer or None), cfg)
 
 
-def _model(cfg) -> FeatureMLP:
+def _model(cfg, learner: str) -> nn.Module:
+    if learner not in LEARNERS:
+        raise ValueError(f"unknown learner {learner!r}; learners: {', '.join(LEARNERS)}")
+    if learner == "transformer":
+        return TokenTransformer(cfg)
     return FeatureMLP(cfg.model.action_len, cfg.model.dnfm.vocab_size)
 
 
@@ -112,14 +171,16 @@ def feature_stats(feature_rows: Sequence[jax.Array]) -> dict:
     return {"mean": x.mean(0), "scale": jnp.where(std > 1e-6, std, 1.0)}
 
 
-def _logits(params: dict, batch: dict, cfg, sep_id: int) -> jax.Array:
-    """params {"mlp", "stats"} → action logits [b, action_len, vocab]."""
+def _logits(params: dict, batch: dict, cfg, sep_id: int, learner: str) -> jax.Array:
+    """params {"net", "stats"} → action logits [b, action_len, vocab]."""
+    if learner == "transformer":
+        return _model(cfg, learner).apply({"params": params["net"]}, batch)
     x = (batch_features(batch, cfg, sep_id) - params["stats"]["mean"]) / params["stats"]["scale"]
-    return _model(cfg).apply({"params": params["mlp"]}, x)
+    return _model(cfg, learner).apply({"params": params["net"]}, x)
 
 
-def _loss(mlp_params, stats, batch, cfg, sep_id: int) -> jax.Array:
-    logits = _logits({"mlp": mlp_params, "stats": stats}, batch, cfg, sep_id)
+def _loss(net_params, stats, batch, cfg, sep_id: int, learner: str) -> jax.Array:
+    logits = _logits({"net": net_params, "stats": stats}, batch, cfg, sep_id, learner)
     tokens = batch["action_tokens"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     # Positions up to <eos>: the grammar-constrained decode puts <pad> after it by itself.
@@ -129,10 +190,11 @@ def _loss(mlp_params, stats, batch, cfg, sep_id: int) -> jax.Array:
 
 
 def train(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequence[dict] = (), curve_every: int = 0,
-          log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
-    """Train the baseline on the trainer's batches (same seed) with the trainer's optimizer
-    settings (`optim.*`, schedule over `steps`). Returns ({"mlp": weights, "stats": the
-    standardisation, `feature_stats`}, curve)."""
+          log: Callable[[str], None] = print, learner: str = "mlp") -> tuple[dict, list[dict]]:
+    """Train the baseline `learner` (`LEARNERS`) on the trainer's batches (same seed) with the
+    trainer's optimizer settings (`optim.*`, schedule over `steps`). Returns ({"net": weights,
+    "stats": the standardisation, `feature_stats` (the MLP's input; unused by the transformer)},
+    curve)."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.train.steps = int(steps)
     sep_id = _sep_id(cfg)
@@ -141,41 +203,43 @@ def train(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequence[di
     # The statistics batches are the first training batches themselves: no extra data is seen.
     head = [{k: v for k, v in next(data).items() if k != "sample_id"} for _ in range(min(steps, _STAT_BATCHES))]
     featurize = jax.jit(lambda b: batch_features(b, cfg, sep_id))
-    stats = feature_stats([featurize(b) for b in head])
-    mlp = _model(cfg).init(jax.random.key(int(cfg.train.seed)), featurize(head[0]))["params"]
+    stats = feature_stats([featurize(b) for b in head]) if learner == "mlp" else None
+    example = head[0] if learner == "transformer" else featurize(head[0])
+    net = _model(cfg, learner).init(jax.random.key(int(cfg.train.seed)), example)["params"]
     tx = make_optimizer(cfg)
-    opt_state = tx.init(mlp)
+    opt_state = tx.init(net)
 
     @jax.jit
-    def step(mlp, opt_state, batch):
-        loss, grads = jax.value_and_grad(_loss)(mlp, stats, batch, cfg, sep_id)
-        updates, opt_state = tx.update(grads, opt_state, mlp)
-        return optax.apply_updates(mlp, updates), opt_state, loss
+    def step(net, opt_state, batch):
+        loss, grads = jax.value_and_grad(_loss)(net, stats, batch, cfg, sep_id, learner)
+        updates, opt_state = tx.update(grads, opt_state, net)
+        return optax.apply_updates(net, updates), opt_state, loss
 
     curve, t0 = [], time.perf_counter()
     for s in range(1, steps + 1):
         batch = head[s - 1] if s <= len(head) else {k: v for k, v in next(data).items() if k != "sample_id"}
-        mlp, opt_state, loss = step(mlp, opt_state, batch)
-        params = {"mlp": mlp, "stats": stats}
+        net, opt_state, loss = step(net, opt_state, batch)
+        params = {"net": net, "stats": stats}
         if curve_every and curve_samples and (s % curve_every == 0 or s == steps):
             from vlacabin_jax.eval.ladder import score
 
-            row = {"step": s, "success_rate": score(predict(params, cfg, curve_samples), curve_samples)["success_rate"],
+            preds = predict(params, cfg, curve_samples, learner=learner)
+            row = {"step": s, "success_rate": score(preds, curve_samples)["success_rate"],
                    "loss": float(loss)}
             curve.append(row)
             log(f"  step {s}: heldout success {row['success_rate']:.3f} loss {row['loss']:.3f} "
                 f"({time.perf_counter() - t0:.0f} s)")
-    return jax.device_get({"mlp": mlp, "stats": stats}), curve
+    return jax.device_get({"net": net, "stats": stats}), curve
 
 
 def predict(params: dict, cfg: ml_collections.ConfigDict, samples: Sequence[dict],
-            batch_size: int = 64) -> list[Prediction]:
+            batch_size: int = 64, learner: str = "mlp") -> list[Prediction]:
     """Grammar-constrained greedy decode (`dnfm.decode_tokens`) of the baseline's logits."""
     sep_id, vocab = _sep_id(cfg), simulator.schema_vocabulary()
 
     @jax.jit
     def decide(batch):
-        return dnfm.decode_tokens(_logits(params, batch, cfg, sep_id), True)
+        return dnfm.decode_tokens(_logits(params, batch, cfg, sep_id, learner), True)
 
     out = []
     for batch, n in evaluate.batches(samples, cfg, batch_size):

@@ -10,8 +10,10 @@ simulator success (DESIGN §3: judge every design choice by sampled answers, nev
 Each model rung trains with the trainer's own program (`train.state.create_train_state`,
 `train.step.make_train_step`: the same loss, optimizer, donation and rngs as `python -m launch`)
 on the trainer's own batches (`data.pipeline.make_dataset`, same seed): the rungs differ only in
-their overrides. The `features` rung is not the model: a plain learner over the featurized batch
-(`feature_baseline.py`), the ceiling of what the batch contract carries for a simple learner.
+their overrides. The `features` and `transformer` rungs are not the model (`feature_baseline.py`):
+a plain MLP over the featurized batch, the ceiling of what the batch contract carries for a simple
+learner, and a plain transformer over the tokens that need no perception, the pace a plain learner
+sets on the same steps.
 
 The `seed` rung is the architecture before the route fixes; `seed+<fix>` adds one fix alone
 (`FIXES`: the config fields it sets); `full` sets every fix (tiny's defaults; set explicitly, as
@@ -74,12 +76,17 @@ _AR = (("model.action_head", "autoregressive"), ("loss.velocity_weight", 0.0), (
 
 RUNGS: dict[str, Rung] = {
     "features": Rung("plain MLP over the featurized batch (not the model)"),
+    "transformer": Rung("plain transformer over the batch's text, state, tag and log tokens; no perception "
+                        "(not the model)"),
     "seed": Rung("the seed architecture: no route fix, frozen random anchor", _SEED),
     **{f"seed+{name}": Rung(f"seed + the {name} fix alone", _SEED + fix) for name, fix in FIXES.items()},
     "full": Rung("every fix (tiny's defaults; set here, so a stage config that freezes the anchor keeps it learning)",
                  _ALL),
     "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM", _ALL + _AR),
 }
+
+# The rungs that are not the model: rung name → `feature_baseline` learner.
+_PLAIN = {"features": "mlp", "transformer": "transformer"}
 
 
 def _set(cfg: ml_collections.ConfigDict, path: str, value) -> None:
@@ -179,8 +186,8 @@ def run_ladder(cfg: ml_collections.ConfigDict, names: Sequence[str], steps: int,
 
     Returns:
       {"steps", "global_batch_size", "num_samples", "rungs": [{"name", "description", "train_s",
-       "params", "by_k": {K: score(...)}, "curve": [...]}]}; the feature rung and the AR rung have
-      one entry in `by_k` (key "-": they have no sampler steps).
+       "params", "by_k": {K: score(...)}, "curve": [...]}]}; the two plain rungs and the AR rung
+      have one entry in `by_k` (key "-": they have no sampler steps).
     """
     from vlacabin_jax.eval import feature_baseline
     from vlacabin_jax.model import functional
@@ -192,11 +199,12 @@ def run_ladder(cfg: ml_collections.ConfigDict, names: Sequence[str], steps: int,
         rc = rung_config(cfg, name)
         log(f"rung {name}: {RUNGS[name].description}")
         t0 = time.perf_counter()
-        if name == "features":
-            params, curve = feature_baseline.train(rc, steps, curve_set, curve_every, log)
+        if name in _PLAIN:
+            learner = _PLAIN[name]
+            params, curve = feature_baseline.train(rc, steps, curve_set, curve_every, log, learner=learner)
             train_s = time.perf_counter() - t0
-            by_k = {"-": score(feature_baseline.predict(params, rc, samples), samples)}
-            n_params = functional.param_count(params["mlp"])
+            by_k = {"-": score(feature_baseline.predict(params, rc, samples, learner=learner), samples)}
+            n_params = functional.param_count(params["net"])
         else:
             trainable, frozen, curve = train_rung(rc, steps, curve_set, curve_every, log)
             train_s = time.perf_counter() - t0
@@ -246,7 +254,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("heldout success (%)")
     ax.set_title(f"quality ladder ({result['global_batch_size']} per step)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if any(row["curve"] for row in result["rungs"]):  # without --curve-every the plot has no lines
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
