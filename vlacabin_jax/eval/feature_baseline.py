@@ -18,9 +18,9 @@ sparse text bags under one LayerNorm, and the MLP sat at the `<noop>` floor (24.
 success at 2000 x 32, against 36-50 % standardised on the same budget).
 
 The `transformer` learner is a small bidirectional transformer (tiny's widths) over the tokens that
-need no perception: text (with positions), one token per state field (the model's own numeric
-Fourier map and categorical table), the active constraint tags and the earlier turn's action log,
-then `action_len` query slots. It cannot hear spoken-only requests nor see the camera, so it is a
+need no perception: text (with positions), one token per state field (a per-field map of the
+numeric Fourier features the MLP also reads, or a categorical table), the active constraint tags
+and the earlier turn's action log, then `action_len` query slots. It cannot hear spoken-only requests nor see the camera, so it is a
 floor on what the model should reach, and its curve shows how fast a plain learner gets there.
 """
 
@@ -48,6 +48,14 @@ _POOL = 8  # frames are average-pooled to _POOL × _POOL pixels
 _STAT_BATCHES = 16  # training batches whose features set the standardisation
 
 
+def _fourier(numeric: jax.Array) -> jax.Array:
+    """Numeric state fields [b, n] → [b, n, 13]: the value and sin/cos(π 2^k x), k < 6, the
+    features tiny's state encoder reads (`model.state.numeric_fourier`), which set levels apart."""
+    x = numeric.astype(jnp.float32)[..., None]
+    angles = x * (jnp.pi * 2.0 ** jnp.arange(6, dtype=jnp.float32))
+    return jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles)], -1)
+
+
 def _bag(tokens: jax.Array, mask: jax.Array, size: int) -> jax.Array:
     """Multi-hot [b, size] of the ids in tokens [b, l] where mask [b, l]."""
     hot = jax.nn.one_hot(tokens, size, dtype=jnp.float32) * mask[..., None]
@@ -69,8 +77,7 @@ def batch_features(batch: dict, cfg: ml_collections.ConfigDict, sep_id: int) -> 
     k = max(1, s // _POOL)
     pooled = frames[:, :, :k * (s // k), :k * (s // k)].reshape(b, f, s // k, k, s // k, k, 3).mean((3, 5))
     motion = jnp.abs(pooled[:, 1:] - pooled[:, :1])
-    numeric = batch["state_numeric"].astype(jnp.float32)
-    angles = numeric[..., None] * (jnp.pi * 2.0 ** jnp.arange(6, dtype=jnp.float32))
+    numeric = _fourier(batch["state_numeric"])
     sizes = tuple(m.state.categorical_sizes)
     cat = jnp.concatenate([jax.nn.one_hot(batch["state_categorical"][:, i], n) for i, n in enumerate(sizes)], -1)
     hist = batch["history_actions"]
@@ -79,7 +86,8 @@ def batch_features(batch: dict, cfg: ml_collections.ConfigDict, sep_id: int) -> 
         _bag(tok, current, m.lm.vocab_size), _bag(tok, earlier, m.lm.vocab_size),
         (batch["mel"] * batch["mel_mask"][..., None]).reshape(b, -1),
         pooled.reshape(b, -1), motion.reshape(b, -1),
-        numeric, jnp.sin(angles).reshape(b, -1), jnp.cos(angles).reshape(b, -1), cat,
+        # value, then sin and cos field by field: the feature order the MLP's figures were measured with
+        numeric[..., 0], numeric[..., 1:7].reshape(b, -1), numeric[..., 7:].reshape(b, -1), cat,
         batch["constraint_tags"].astype(jnp.float32),
         _bag(hist, hist_mask, m.dnfm.vocab_size), _bag(batch["history_before"], hist_mask, m.dnfm.vocab_size),
         batch["modality_mask"].astype(jnp.float32),
@@ -119,9 +127,7 @@ class TokenTransformer(nn.Module):
 
         text = nn.Embed(m.lm.vocab_size, width, embedding_init=normal, name="text")(batch["text_tokens"])
         text = text + table("text_position", text.shape[1])
-        numeric = batch["state_numeric"].astype(jnp.float32)[..., None]
-        angles = numeric * (jnp.pi * 2.0 ** jnp.arange(6, dtype=jnp.float32))
-        numeric = jnp.concatenate([numeric, jnp.sin(angles), jnp.cos(angles)], -1)  # [b, n_num, 13]
+        numeric = _fourier(batch["state_numeric"])  # [b, n_num, 13]
         n_num = numeric.shape[1]
         scale = self.param("numeric_scale", nn.initializers.normal(numeric.shape[-1] ** -0.5),
                            (n_num, numeric.shape[-1], width))
