@@ -8,7 +8,8 @@ Rungs (`vlacabin_jax.eval.ladder.RUNGS`): `features` (a plain MLP over the featu
 the model), `transformer` (a plain transformer over the batch's text, state, tag and log tokens,
 no perception, not the model), `seed` (the architecture before the route fixes), `seed+<fix>`
 (one fix alone), `full` (every fix), `full_ar` (an autoregressive head on full's backbone). Writes
-`<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument.
+`<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument,
+including a `--config.` override of a field that a chosen rung sets itself (the rung would win).
 
 `--probe speech` trains no rung: it trains the model's speech encoder alone to name the request
 of a turn from its mel (`vlacabin_jax.eval.route_probe`) for --steps and writes `<out>/probe.json`.
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ladder.RUNGS]
     if unknown:
         parser.error(f"--rungs: unknown rung {unknown[0]!r}; rungs: {', '.join(ladder.RUNGS)}")
+    conflicts = [] if args.probe else ladder.override_conflicts(names, rest)
+    if conflicts:
+        rung, field = conflicts[0]
+        parser.error(f"--config.{field}: rung {rung!r} sets this field itself, so the override would be ignored; "
+                     f"drop it, or pick rungs that leave it alone (`ladder.RUNGS`)")
     try:
         ks = [int(k) for k in args.ks.split(",")]
         if not all(1 <= k <= 8 for k in ks):

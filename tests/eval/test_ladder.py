@@ -88,11 +88,22 @@ def test_token_transformer_reads_state_and_text_but_no_perception(samples):
     (["--steps", "5", "--rungs", "bogus"], "unknown rung"),
     (["--steps", "5", "--ks", "9"], "sampler steps in 1..8"),
     (["--steps", "5", "--typo"], "unrecognized arguments"),
+    (["--steps", "5", "--rungs", "transformer,full", "--config.model.bridge.connector_skip=False"],
+     "rung 'full' sets this field itself"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         quality_ladder.main(argv + ["--out", str(tmp_path)])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_override_conflicts_name_the_rung_and_field_only_where_a_rung_sets_it():
+    assert ladder.override_conflicts(["full", "transformer"], ["--config.model.dnfm.cross_attention=False",
+                                                               "--config.loss.explanation_weight=0"]) == [
+        ("full", "model.dnfm.cross_attention")]
+    assert ladder.override_conflicts(["transformer", "full_ar"], ["--config.loss.kl_weight=0"]) == []
+    assert ladder.override_conflicts(["full_ar"], ["--config.loss.velocity_weight=1"]) == [
+        ("full_ar", "loss.velocity_weight")]
 
 
 def test_a_bad_config_override_is_one_error_line(tmp_path, capsys):

@@ -99,6 +99,13 @@ def _set(cfg: ml_collections.ConfigDict, path: str, value) -> None:
     node[leaf] = value
 
 
+def override_conflicts(names: Sequence[str], overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """(rung, field) for every `--config.<field>=v` in `overrides` that rung `names` sets itself:
+    the rung's value would win (`rung_config`), so the command-line value would be ignored."""
+    fields = {o.removeprefix("--config.").split("=", 1)[0] for o in overrides}
+    return [(n, path) for n in names for path, _ in RUNGS[n].overrides if path in fields]
+
+
 def rung_config(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """`cfg` with rung `name`'s overrides (a copy; `cfg` is not changed)."""
     if name not in RUNGS:
