@@ -20,8 +20,9 @@ success at 2000 x 32, against 36-50 % standardised on the same budget).
 The `transformer` learner is a small bidirectional transformer (tiny's widths) over the tokens that
 need no perception: text (with positions), one token per state field (a per-field map of the
 numeric Fourier features the MLP also reads, or a categorical table), the active constraint tags
-and the earlier turn's action log, then `action_len` query slots. It cannot hear spoken-only requests nor see the camera, so it is a
-floor on what the model should reach, and its curve shows how fast a plain learner gets there.
+and the earlier turn's action log, then `action_len` query slots. It cannot hear spoken-only
+requests nor see the camera, so it is a floor on what the model should reach, and its curve shows
+how fast a plain learner gets there.
 """
 
 from __future__ import annotations
