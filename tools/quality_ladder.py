@@ -6,8 +6,9 @@ simulator success (overall, per request group, per K), exact match and invalid-s
 
 Rungs (`vlacabin_jax.eval.ladder.RUNGS`): `features` (a plain MLP over the featurized batch, not
 the model), `transformer` (a plain transformer over the batch's text, state, tag and log tokens,
-no perception, not the model), `seed` (the architecture before the route fixes), `seed+<fix>`
-(one fix alone), `full` (every fix), `full_ar` (an autoregressive head on full's backbone). Writes
+no perception, not the model), `transformer_ar` (that transformer decoding one action at a time),
+`seed` (the architecture before the route fixes), `seed+<fix>` (one fix alone), `full` (every
+fix), `full_ar` (an autoregressive head on full's backbone). Writes
 `<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument,
 including a `--config.` override of a field that a chosen rung sets itself (the rung would win).
 

@@ -10,6 +10,7 @@ from tools import quality_ladder
 from vlacabin_jax.data.actions import NOOP
 from vlacabin_jax.eval import evaluate, feature_baseline, ladder
 from vlacabin_jax.eval.metrics import Prediction
+from vlacabin_jax.model import ar_head
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +57,18 @@ def test_score_counts_success_exact_match_and_groups(samples):
 def test_plain_rungs_train_and_write_their_table(tmp_path, capsys):
     out = tmp_path / "ladder"
     rc = quality_ladder.main(["--config", "configs/stages/sft.py:tiny", "--steps", "3",
-                              "--rungs", "features,transformer", "--num-samples", "16", "--curve-every", "3",
-                              "--curve-samples", "8", "--out", str(out), "--config.train.global_batch_size=8"])
+                              "--rungs", "features,transformer,transformer_ar", "--num-samples", "16",
+                              "--curve-every", "3", "--curve-samples", "8", "--out", str(out),
+                              "--config.train.global_batch_size=8"])
     assert rc == 0
     result = json.loads((out / "ladder.json").read_text())
-    assert [row["name"] for row in result["rungs"]] == ["features", "transformer"]
+    assert [row["name"] for row in result["rungs"]] == ["features", "transformer", "transformer_ar"]
     for row in result["rungs"]:
         assert row["params"] > 0 and [c["step"] for c in row["curve"]] == [3]
         assert 0.0 <= row["by_k"]["-"]["success_rate"] <= 1.0 and row["by_k"]["-"]["invalid_rate"] == 0.0
     assert (out / "ladder.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "rung features" in printed and "rung transformer" in printed
+    assert "rung features" in printed and "rung transformer" in printed and "rung transformer_ar" in printed
 
 
 def test_token_transformer_reads_state_and_text_but_no_perception(samples):
@@ -81,6 +83,25 @@ def test_token_transformer_reads_state_and_text_but_no_perception(samples):
     for field, value in (("state_numeric", 0.5), ("text_tokens", 7)):
         changed = dict(batch, **{field: np.full_like(batch[field], value)})
         assert np.abs(np.asarray(net.apply({"params": params}, changed)) - np.asarray(logits)).max() > 1e-4, field
+
+
+def test_autoregressive_transformer_reads_only_earlier_actions(samples):
+    cfg = get_config("tiny")
+    batch, _ = next(evaluate.batches(samples[:4], cfg, 4))
+    net = feature_baseline.TokenTransformer(cfg, causal_actions=True)
+    length, vocab = cfg.model.action_len, cfg.model.dnfm.vocab_size
+    previous = np.random.default_rng(0).integers(3, vocab, (4, length)).astype(np.int32)
+    params = net.init(jax.random.key(0), batch, previous)["params"]
+    logits = np.asarray(net.apply({"params": params}, batch, previous))
+    assert logits.shape == (4, length, vocab)
+    changed = previous.copy()
+    changed[:, 3] = (changed[:, 3] + 1) % vocab  # the action before slot 3
+    moved = np.abs(np.asarray(net.apply({"params": params}, batch, changed)) - logits).max(axis=(0, 2))
+    assert (moved[:3] == 0).all() and (moved[3:] > 1e-4).all(), moved
+    # Teacher forcing: without previous_actions the slots read START and the targets shifted right.
+    forced = np.asarray(net.apply({"params": params}, batch))
+    np.testing.assert_array_equal(forced, np.asarray(net.apply({"params": params}, batch, ar_head.teacher_inputs(
+        batch["action_tokens"]))))
 
 
 @pytest.mark.parametrize("argv, message", [

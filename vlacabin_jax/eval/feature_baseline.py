@@ -1,8 +1,10 @@
-"""The ladder's plain learners over the batch, not the model: the `features` and `transformer` rungs.
+"""The ladder's plain learners over the batch, not the model: the `features`, `transformer` and
+`transformer_ar` rungs.
 
     batch_features(batch, cfg)  -> [b, n_features] float32 (fixed, no learned encoder)
     FeatureMLP(cfg)             -> per-position action logits [b, action_len, vocab]
     TokenTransformer(cfg)       -> the same logits from the batch's tokens (no perception)
+    TokenTransformer(cfg, causal_actions=True) -> next-action logits, teacher-forced
     train(cfg, steps, ..., learner) -> ({"net", "stats"}, curve), on the trainer's batches
     predict(params, cfg, samples, learner) -> predictions (grammar-constrained decode)
 
@@ -22,7 +24,10 @@ need no perception: text (with positions), one token per state field (a per-fiel
 numeric Fourier features the MLP also reads, or a categorical table), the active constraint tags
 and the earlier turn's action log, then `action_len` query slots. It cannot hear spoken-only
 requests nor see the camera, so it is a floor on what the model should reach, and its curve shows
-how fast a plain learner gets there.
+how fast a plain learner gets there. `transformer_ar` is the same network with each slot also
+reading the previous action and attending only to the slots before it (the context never reads
+the slots), decoded greedily one action at a time: the two differ only in how the answer is
+decoded, all at once or in order.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from vlacabin_jax.data.actions import EOS_ID
 from vlacabin_jax.data.spec import frames_unit
 from vlacabin_jax.eval import evaluate, simulator
 from vlacabin_jax.eval.metrics import Prediction
-from vlacabin_jax.model import dnfm, layers
+from vlacabin_jax.model import ar_head, dnfm, layers
 from vlacabin_jax.train.optimizer import make_optimizer
 
 _POOL = 8  # frames are average-pooled to _POOL × _POOL pixels
@@ -115,9 +120,13 @@ class TokenTransformer(nn.Module):
     """batch dict → action logits [b, action_len, vocab] (module docstring, `transformer` learner)."""
 
     cfg: ml_collections.ConfigDict  # the full config
+    causal_actions: bool = False  # slot i reads action i-1 and slots <= i (`transformer_ar`)
 
     @nn.compact
-    def __call__(self, batch: dict) -> jax.Array:
+    def __call__(self, batch: dict, previous_actions: jax.Array | None = None) -> jax.Array:
+        """batch: the trainer's batch dict; previous_actions [b, action_len] int32 (only with
+        `causal_actions`): START then the actions before each slot; None teacher-forces
+        `batch["action_tokens"]`."""
         m = self.cfg.model
         e = m.encoder
         width, b = e.width, batch["text_tokens"].shape[0]
@@ -143,18 +152,28 @@ class TokenTransformer(nn.Module):
                + nn.Embed(m.dnfm.vocab_size, width, embedding_init=normal, name="log_before")(batch["history_before"])
                + table("log_position", m.action_len))
         slots = jnp.broadcast_to(table("action_slot", m.action_len), (b, m.action_len, width))
+        if self.causal_actions:
+            if previous_actions is None:
+                previous_actions = ar_head.teacher_inputs(batch["action_tokens"])
+            slots = slots + nn.Embed(m.dnfm.vocab_size, width, embedding_init=normal,
+                                     name="previous_action")(previous_actions)
         x = jnp.concatenate([text, numeric, categorical, tags, log, slots], 1)
         valid = jnp.concatenate([batch["text_mask"], jnp.ones((b, n_num + len(sizes)), jnp.bool_),
                                  batch["constraint_tags"], batch["history_actions"] > EOS_ID,
                                  jnp.ones((b, m.action_len), jnp.bool_)], 1)
         mask = layers.attention_mask(None, valid, causal=False)
+        if self.causal_actions:
+            # Context tokens read only the context; slot i reads the context and slots <= i.
+            n_context = x.shape[1] - m.action_len
+            q, k = jnp.arange(x.shape[1])[:, None], jnp.arange(x.shape[1])[None, :]
+            mask = mask & jnp.where(q < n_context, k < n_context, k <= q)[None, None]
         for i in range(2 * e.depth):
             x, _ = layers.EncoderBlock(e.heads, width // e.heads, e.mlp_dim, name=f"block{i}")(x, mask)
         x = layers.LayerNorm(name="ln")(x[:, -m.action_len:])
         return nn.Dense(m.dnfm.vocab_size, name="logits")(x)
 
 
-LEARNERS = ("mlp", "transformer")
+LEARNERS = ("mlp", "transformer", "transformer_ar")
 
 
 def _sep_id(cfg) -> int:
@@ -165,8 +184,8 @@ def _sep_id(cfg) -> int:
 def _model(cfg, learner: str) -> nn.Module:
     if learner not in LEARNERS:
         raise ValueError(f"unknown learner {learner!r}; learners: {', '.join(LEARNERS)}")
-    if learner == "transformer":
-        return TokenTransformer(cfg)
+    if learner in ("transformer", "transformer_ar"):
+        return TokenTransformer(cfg, causal_actions=learner == "transformer_ar")
     return FeatureMLP(cfg.model.action_len, cfg.model.dnfm.vocab_size)
 
 
@@ -179,8 +198,9 @@ def feature_stats(feature_rows: Sequence[jax.Array]) -> dict:
 
 
 def _logits(params: dict, batch: dict, cfg, sep_id: int, learner: str) -> jax.Array:
-    """params {"net", "stats"} → action logits [b, action_len, vocab]."""
-    if learner == "transformer":
+    """params {"net", "stats"} → action logits [b, action_len, vocab] (`transformer_ar`:
+    teacher-forced on `batch["action_tokens"]`)."""
+    if learner != "mlp":
         return _model(cfg, learner).apply({"params": params["net"]}, batch)
     x = (batch_features(batch, cfg, sep_id) - params["stats"]["mean"]) / params["stats"]["scale"]
     return _model(cfg, learner).apply({"params": params["net"]}, x)
@@ -211,7 +231,7 @@ def train(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequence[di
     head = [{k: v for k, v in next(data).items() if k != "sample_id"} for _ in range(min(steps, _STAT_BATCHES))]
     featurize = jax.jit(lambda b: batch_features(b, cfg, sep_id))
     stats = feature_stats([featurize(b) for b in head]) if learner == "mlp" else None
-    example = head[0] if learner == "transformer" else featurize(head[0])
+    example = featurize(head[0]) if learner == "mlp" else head[0]
     net = _model(cfg, learner).init(jax.random.key(int(cfg.train.seed)), example)["params"]
     tx = make_optimizer(cfg)
     opt_state = tx.init(net)
@@ -241,11 +261,16 @@ def train(cfg: ml_collections.ConfigDict, steps: int, curve_samples: Sequence[di
 
 def predict(params: dict, cfg: ml_collections.ConfigDict, samples: Sequence[dict],
             batch_size: int = 64, learner: str = "mlp") -> list[Prediction]:
-    """Grammar-constrained greedy decode (`dnfm.decode_tokens`) of the baseline's logits."""
+    """Grammar-constrained greedy decode of the baseline's logits: all positions at once
+    (`dnfm.decode_tokens`), or one action at a time for `transformer_ar` (`ar_head.greedy_actions`)."""
     sep_id, vocab = _sep_id(cfg), simulator.schema_vocabulary()
 
     @jax.jit
     def decide(batch):
+        if learner == "transformer_ar":
+            net = _model(cfg, learner)
+            return ar_head.greedy_actions(lambda previous: net.apply({"params": params["net"]}, batch, previous),
+                                          batch["text_tokens"].shape[0], cfg.model.action_len)
         return dnfm.decode_tokens(_logits(params, batch, cfg, sep_id, learner), True)
 
     out = []

@@ -13,7 +13,8 @@ on the trainer's own batches (`data.pipeline.make_dataset`, same seed): the rung
 their overrides. The `features` and `transformer` rungs are not the model (`feature_baseline.py`):
 a plain MLP over the featurized batch, the ceiling of what the batch contract carries for a simple
 learner, and a plain transformer over the tokens that need no perception, the pace a plain learner
-sets on the same steps.
+sets on the same steps; `transformer_ar` decodes that transformer's answer one action at a time
+(what a parallel decode costs, on a plain learner).
 
 The `seed` rung is the architecture before the route fixes; `seed+<fix>` adds one fix alone
 (`FIXES`: the config fields it sets); `full` sets every fix (tiny's defaults; set explicitly, as
@@ -78,6 +79,7 @@ RUNGS: dict[str, Rung] = {
     "features": Rung("plain MLP over the featurized batch (not the model)"),
     "transformer": Rung("plain transformer over the batch's text, state, tag and log tokens; no perception "
                         "(not the model)"),
+    "transformer_ar": Rung("the plain transformer decoding one action at a time (not the model)"),
     "seed": Rung("the seed architecture: no route fix, frozen random anchor", _SEED),
     **{f"seed+{name}": Rung(f"seed + the {name} fix alone", _SEED + fix) for name, fix in FIXES.items()},
     "full": Rung("every fix (tiny's defaults; set here, so a stage config that freezes the anchor keeps it learning)",
@@ -86,7 +88,7 @@ RUNGS: dict[str, Rung] = {
 }
 
 # The rungs that are not the model: rung name → `feature_baseline` learner.
-_PLAIN = {"features": "mlp", "transformer": "transformer"}
+_PLAIN = {"features": "mlp", "transformer": "transformer", "transformer_ar": "transformer_ar"}
 
 
 def _set(cfg: ml_collections.ConfigDict, path: str, value) -> None:
@@ -193,7 +195,7 @@ def run_ladder(cfg: ml_collections.ConfigDict, names: Sequence[str], steps: int,
 
     Returns:
       {"steps", "global_batch_size", "num_samples", "rungs": [{"name", "description", "train_s",
-       "params", "by_k": {K: score(...)}, "curve": [...]}]}; the two plain rungs and the AR rung
+       "params", "by_k": {K: score(...)}, "curve": [...]}]}; the plain rungs and the AR rung
       have one entry in `by_k` (key "-": they have no sampler steps).
     """
     from vlacabin_jax.eval import feature_baseline
