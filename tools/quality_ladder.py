@@ -8,7 +8,8 @@ Rungs (`vlacabin_jax.eval.ladder.RUNGS`): `features` (a plain MLP over the featu
 the model), `transformer` (a plain transformer over the batch's text, state, tag and log tokens,
 no perception, not the model), `transformer_ar` (that transformer decoding one action at a time),
 `seed` (the architecture before the route fixes), `seed+<fix>` (one fix alone), `full` (every
-fix), `full_ar` (an autoregressive head on full's backbone). Writes
+fix, the DNFM's per-setting layout included), `full_sequence` (full with the DNFM's positions as
+the answer's tokens), `full_ar` (an autoregressive head on that backbone). Writes
 `<out>/ladder.json` and `<out>/ladder.png` (learning curves). Exit status 2 on a bad argument,
 including a `--config.` override of a field that a chosen rung sets itself (the rung would win).
 

@@ -97,6 +97,8 @@ def check_model(cfg) -> list[str]:
             p.append(f"model.latent.{name} must be positive")
     if m.bridge.n_queries <= 0:
         p.append("model.bridge.n_queries must be positive")
+    if m.dnfm.layout not in ("sequence", "per_setting"):
+        p.append(f"model.dnfm.layout = {m.dnfm.layout!r}: use 'sequence' or 'per_setting'")
     if m.action_head not in ("dnfm", "autoregressive"):
         p.append(f"model.action_head = {m.action_head!r}: use 'dnfm' or 'autoregressive'")
     if not 0 <= m.state.numeric_fourier <= 16:
@@ -152,6 +154,9 @@ def check_loss_and_data(cfg) -> list[str]:
     for key, value in lo.items():
         if key.endswith("_weight") and value < 0:
             p.append(f"loss.{key} = {value}: weights must be >= 0")
+    if not 0.0 < lo.keep_weight <= 1.0:
+        p.append(f"loss.keep_weight = {lo.keep_weight}: must lie in (0, 1] (the weight of 'keep' positions "
+                 "under model.dnfm.layout = 'per_setting')")
     if not 0.0 <= lo.t_source_fraction <= 1.0:
         p.append(f"loss.t_source_fraction = {lo.t_source_fraction}: must lie in [0, 1]")
     if lo.t_beta <= 0 or lo.infonce_temperature <= 0 or lo.kl_warmup_steps < 0:

@@ -55,10 +55,17 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 
 def enable_compilation_cache(path: str) -> None:
     """Compiled programs persist in `path` (relative: from the working directory), so a restart does
-    not compile again; "none" turns the cache off."""
+    not compile again; "none" turns the cache off, and so does a run of several CPU processes.
+    Call after `initialize_distributed`."""
     import jax
 
     if path.lower() == "none":
+        return
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # XLA:CPU over gloo: a train step loaded from the cache ran its collectives in another
+        # order than the same step compiled afresh in the other process (gloo "8 vs 4" abort on
+        # the per-setting DNFM's step, every restart). Fresh compiles agree, so compile afresh.
+        logging.warning("compilation cache off: a multi-process CPU run compiles every program afresh")
         return
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

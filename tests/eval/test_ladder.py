@@ -23,12 +23,18 @@ def test_rung_configs_set_their_fields_and_leave_the_base_alone():
     before = cfg.to_dict()
     seed = ladder.rung_config(cfg, "seed")
     assert (seed.model.state.field_tokens, seed.model.video.patch_tokens, seed.train.trainable) == (False, False, "all")
+    assert seed.model.dnfm.layout == "sequence" and ladder.rung_config(cfg, "seed+per_setting").model.dnfm.layout == "per_setting"
     one = ladder.rung_config(cfg, "seed+state")
     assert one.model.state.field_tokens and one.model.state.numeric_fourier == 6 and not one.model.video.patch_tokens
     full = ladder.rung_config(cfg, "full")  # every fix, whatever the stage config says
     assert full.train.trainable == "all_and_anchor" and full.model.dnfm.cross_attention and full.model.state.field_tokens
+    assert full.model.dnfm.layout == "per_setting" and full.loss.keep_weight == 0.3
+    sequence = ladder.rung_config(cfg, "full_sequence")  # every other fix kept
+    assert sequence.model.dnfm.layout == "sequence" and sequence.loss.keep_weight == 1.0
+    assert sequence.model.dnfm.cross_attention and sequence.train.trainable == "all_and_anchor"
     ar = ladder.rung_config(cfg, "full_ar")
     assert ar.model.action_head == "autoregressive" and ar.loss.source_weight == 0.0
+    assert ar.model.dnfm.layout == "sequence"  # no 43 unused DNFM positions beside the head
     assert cfg.to_dict() == before
     with pytest.raises(KeyError, match="unknown rung"):
         ladder.rung_config(cfg, "nope")

@@ -1,12 +1,14 @@
 """Diffusion-DPO on flow-matching errors: the loss on hand-made errors, and the reference path."""
 
+import copy
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from vlacabin_jax.model import dpo
+from vlacabin_jax.model import dpo, setting_layout
 from vlacabin_jax.model.dnfm import DNFM
 
 
@@ -40,11 +42,13 @@ def test_sequence_error_sums_positions_and_averages_the_width():
     np.testing.assert_allclose(np.asarray(dpo.sequence_velocity_error(v, z0, x1)), [3.0])
 
 
-def test_reference_errors_equal_the_policy_errors_of_the_same_params(tiny_cfg):
+@pytest.mark.parametrize("layout", ["sequence", "per_setting"])
+def test_reference_errors_equal_the_policy_errors_of_the_same_params(tiny_cfg, layout):
     """The frozen copy evaluated by `reference_errors` is the same DNFM as the policy's, so a
     reference equal to the policy gives the log 2 / zero-margin start of every align run."""
-    cfg = tiny_cfg
-    b, length, d = 2, cfg.model.action_len, cfg.model.dnfm.d_action
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.dnfm.layout = layout
+    b, length, d = 2, setting_layout.num_positions(cfg.model), cfg.model.dnfm.d_action
     module = DNFM(cfg.model, dtype=jnp.dtype(cfg.model.dtype))
     x = jnp.zeros((b, length, d))
     # The policy's connector outputs, which a cross-attending DNFM reads (tiny's does).
@@ -54,15 +58,15 @@ def test_reference_errors_equal_the_policy_errors_of_the_same_params(tiny_cfg):
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
     z0 = jax.random.normal(jax.random.key(2), (b, length, d))
     t = jnp.array([0.0, 0.4])
-    w = jnp.array([[5, 6, 1, 0, 0, 0, 0, 0], [2, 1, 0, 0, 0, 0, 0, 0]])[:, :length]
-    l = jnp.array([[7, 1, 0, 0, 0, 0, 0, 0], [9, 8, 1, 0, 0, 0, 0, 0]])[:, :length]
+    w = jnp.array([[5, 60, 1, 0, 0, 0, 0, 0], [2, 1, 0, 0, 0, 0, 0, 0]])  # answers: action_len ids
+    l = jnp.array([[7, 1, 0, 0, 0, 0, 0, 0], [9, 80, 1, 0, 0, 0, 0, 0]])
 
     @jax.jit  # one compiled program: eager dispatch of the scanned blocks is slow on CPU
     def errors(params):
         codebook = module.apply({"params": params}, method=DNFM.codebook)
 
         def policy(tokens):
-            x1 = codebook[tokens]
+            x1 = codebook[setting_layout.dnfm_targets(tokens, cfg.model)]
             v = module.apply({"params": params}, (1 - t[:, None, None]) * z0 + t[:, None, None] * x1, t,
                              memory, memory_mask)
             return dpo.sequence_velocity_error(v, z0, x1)

@@ -64,6 +64,7 @@ def _hand_cfg():
     cfg = get_config("tiny")
     cfg.loss.update(kl_warmup_steps=10, infonce_temperature=TAU, **WEIGHTS)
     cfg.model.state.categorical_sizes = (2, 3)
+    cfg.model.dnfm.layout = "sequence"  # the hand-built targets are 2-token sequences over 4 ids
     return cfg
 
 
@@ -229,3 +230,14 @@ def test_microbatch_terms_over_batch_totals_add_up_to_the_batch():
             np.testing.assert_allclose(sum(got), float(whole[name]) - nce_part, rtol=1e-5)
         else:
             np.testing.assert_allclose(sum(got), float(whole[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_per_setting_keep_positions_weigh_keep_weight_and_rows_without_actions_nothing():
+    from vlacabin_jax.model.losses import dnfm_position_weights
+
+    targets = np.array([[0, 17, 0], [0, 0, 0], [40, 0, 9]], np.int32)  # <pad> = keep
+    has_actions = np.array([True, True, False])
+    got = np.asarray(dnfm_position_weights(targets, has_actions, "per_setting", 0.3))
+    np.testing.assert_allclose(got, [[0.3, 1.0, 0.3], [0.3, 0.3, 0.3], [0.0, 0.0, 0.0]], rtol=1e-6)
+    got = np.asarray(dnfm_position_weights(targets, has_actions, "sequence", 0.3))
+    np.testing.assert_array_equal(got, [[1, 1, 1], [1, 1, 1], [0, 0, 0]])

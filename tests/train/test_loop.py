@@ -73,7 +73,9 @@ def test_nan_batch_rolls_back_and_is_skipped(reference, tmp_path):
     got = runs.rows(tmp_path / "nan")
     # Replayed from checkpoint 4: steps 5-6 again, the same (rows here average 2 steps).
     assert got[6]["loss"] == pytest.approx((want[5]["loss"] + want[6]["loss"]) / 2, rel=1e-6)
-    assert got[8]["loss"] != pytest.approx((want[7]["loss"] + want[8]["loss"]) / 2, rel=1e-3)  # batch 6 skipped
+    # Batch 6 skipped: the run differs from here on (a replay matches to 1e-6, as above; the
+    # difference itself can be small, 5e-4 relative with the per-setting DNFM).
+    assert got[8]["loss"] != pytest.approx((want[7]["loss"] + want[8]["loss"]) / 2, rel=1e-5)
     assert all(np.isfinite(r["loss"]) for r in got.values())
     meta = ckpt_lib.read_metadata(tmp_path / "nan" / "checkpoints")
     assert meta["step"] == 10 and meta["loop"] == {"rollbacks": 1, "skipped_batches": [6]}

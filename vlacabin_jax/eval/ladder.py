@@ -17,9 +17,10 @@ sets on the same steps; `transformer_ar` decodes that transformer's answer one a
 (what a parallel decode costs, on a plain learner).
 
 The `seed` rung is the architecture before the route fixes; `seed+<fix>` adds one fix alone
-(`FIXES`: the config fields it sets); `full` sets every fix (tiny's defaults; set explicitly, as
-the sft stage config freezes the anchor); `full_ar` puts an autoregressive head on `full`'s backbone instead of the DNFM
-(`model/ar_head.py`). The action grammar at decode time (`model.dnfm.constrained_decode`) and
+(`FIXES`: the config fields it sets); `full` sets every fix (set explicitly, as the sft stage
+config freezes the anchor), the DNFM's per-setting layout included; `full_sequence` is `full` with
+the DNFM's positions as the answer's tokens; `full_ar` puts an autoregressive head on
+`full_sequence`'s backbone instead of the DNFM (`model/ar_head.py`). The action grammar at decode time (`model.dnfm.constrained_decode`) and
 the earlier turn's action log are in every rung.
 """
 
@@ -61,7 +62,7 @@ class Rung:
 _SEED = (("model.state.field_tokens", False), ("model.state.numeric_fourier", 0),
          ("model.video.patch_tokens", False), ("model.latent.tokens_per_modality", 2),
          ("model.bridge.connector_skip", False), ("model.dnfm.cross_attention", False),
-         ("train.trainable", "all"))
+         ("model.dnfm.layout", "sequence"), ("loss.keep_weight", 1.0), ("train.trainable", "all"))
 # Each route fix: the config fields it turns on (their values in the tiny defaults).
 FIXES = {
     "state": (("model.state.field_tokens", True), ("model.state.numeric_fourier", 6)),
@@ -70,8 +71,10 @@ FIXES = {
     "skip": (("model.bridge.connector_skip", True),),
     "cross_attention": (("model.dnfm.cross_attention", True),),
     "anchor": (("train.trainable", "all_and_anchor"),),
+    "per_setting": (("model.dnfm.layout", "per_setting"), ("loss.keep_weight", 0.3)),
 }
 _ALL = tuple(kv for fix in FIXES.values() for kv in fix)
+_SEQUENCE = (("model.dnfm.layout", "sequence"), ("loss.keep_weight", 1.0))
 _AR = (("model.action_head", "autoregressive"), ("loss.velocity_weight", 0.0), ("loss.endpoint_weight", 0.0),
        ("loss.source_weight", 0.0), ("loss.path_weight", 0.0))
 
@@ -84,7 +87,10 @@ RUNGS: dict[str, Rung] = {
     **{f"seed+{name}": Rung(f"seed + the {name} fix alone", _SEED + fix) for name, fix in FIXES.items()},
     "full": Rung("every fix (tiny's defaults; set here, so a stage config that freezes the anchor keeps it learning)",
                  _ALL),
-    "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM", _ALL + _AR),
+    "full_sequence": Rung("every fix but the per-setting layout: the DNFM's positions are the answer's tokens",
+                          tuple(kv for kv in _ALL if kv not in FIXES["per_setting"]) + _SEQUENCE),
+    "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM",
+                    tuple(kv for kv in _ALL if kv not in FIXES["per_setting"]) + _SEQUENCE + _AR),
 }
 
 # The rungs that are not the model: rung name → `feature_baseline` learner.

@@ -8,6 +8,7 @@ passed, so a failed export leaves nothing behind:
 
   model.safetensors        the PyTorch mirror's weights (float32; `vlacabin_jax.export.torch_model`)
   config.json              rebuilds the mirror (`load_mirror(dir)`), with I/O names, shapes and provenance
+                           (and the per-setting tables under `model.dnfm.layout = "per_setting"`)
   action_vocabulary.json   the action-token vocabulary (ids of `action_tokens`)
   tokenizer.json, tokenizer_config.json   the text tokenizer (ids of `explanation_tokens`)
   vla_cabin.fp32.onnx, vla_cabin.fp16.onnx   (+ `.data` beside a file over 2 GB)

@@ -134,7 +134,8 @@ def rule_table(model_cfg: Any) -> Rules:
     The config's route switches decide which modules exist (see `torch_model`'s docstring):
     `state.field_tokens` drops the state pool, `video.patch_tokens` adds the patch positions and
     the video pool, `bridge.connector_skip` the skip projection, `dnfm.cross_attention` each
-    block's `ln_cross` and `cross_attn`.
+    block's `ln_cross` and `cross_attn`. `dnfm.layout` changes shapes only (the DNFM's positions),
+    which the mirror holds.
     """
     m = namespace(model_cfg) if isinstance(model_cfg, Mapping) else model_cfg
     enc, con, dn, ex = m.encoder.depth, m.bridge.connector.depth, m.dnfm.depth, m.explain.depth
@@ -320,18 +321,36 @@ def training_only(trainable: Params, frozen: Params) -> list[str]:
 
 def mirror_config(cfg: Any, steps: int, **extra: Any) -> dict[str, Any]:
     """config.json of the mirror from a full config (`ml_collections`): the model section, the
-    input lengths of the data section, the sampler's K and `extra` (provenance) entries."""
+    input lengths of the data section, the sampler's K, under `model.dnfm.layout = "per_setting"`
+    the layout's tables (`setting_layout_json`), and `extra` (provenance) entries."""
     from vlacabin_jax.export.torch_model import FORMAT, FORMAT_VERSION, MAX_STEPS
 
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"sampler steps K={steps!r} not supported: the DNFM sampler is exported for "
                          f"K = 1..{MAX_STEPS}")
     model = _plain(cfg.model.to_dict())
+    tables = {}
+    if model["dnfm"].get("layout", "sequence") == "per_setting":
+        tables = {"setting_layout": setting_layout_json(int(model["dnfm"]["vocab_size"]))}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": str(cfg.get("variant", "")),
             "steps": steps, "model": model,
             "data": {"text_len": int(cfg.data.text_len), "mel_frames": int(cfg.data.mel_frames),
                      "num_frames": int(cfg.data.num_frames)},
-            **extra}
+            **tables, **extra}
+
+
+def setting_layout_json(vocab_size: int) -> dict[str, list]:
+    """`setting_layout.layout_tables()` as JSON lists: the mirror reads them from config.json
+    (`torch_model.setting_layout_tables`) because `setting_layout` imports JAX and the mirror must not.
+    value_mask is not stored: it is `path_of_token == p`, or `<pad>`."""
+    from vlacabin_jax.model import setting_layout
+
+    tables = setting_layout.layout_tables()
+    if len(tables.path_of_token) != vocab_size:
+        raise ValueError(f"model.dnfm.vocab_size = {vocab_size}, but the per-setting tables cover "
+                         f"{len(tables.path_of_token)} action ids")
+    return {"paths": list(tables.paths), "path_of_token": [int(i) for i in tables.path_of_token],
+            "decode_rank": [int(r) for r in tables.decode_rank]}
 
 
 def _plain(obj: Any) -> Any:

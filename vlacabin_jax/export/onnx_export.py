@@ -24,7 +24,9 @@ action-log inputs are int32 [batch, action_len] action-vocabulary ids (action_vo
 `history_actions` the earlier turn's executed tokens, `<eos>`, `<pad>` (= 0, masked in the LM),
 all `<pad>` without an earlier turn; `history_before` the replaced value of each, `<pad>` elsewhere.
 The graph's action decode (`model.dnfm.constrained_decode`) is unrolled over the action positions
-(Where / ArgMax, no loop and no boolean indexing).
+(Where / ArgMax, no loop and no boolean indexing); under `model.dnfm.layout = "per_setting"` it is
+an ArgMax per setting path and a sort-free reorder (Less / Equal / ReduceSum / Where, no TopK), and
+z0, velocities, x1 and action_logits span the setting paths instead of action_len (config.json "io").
 """
 
 from __future__ import annotations

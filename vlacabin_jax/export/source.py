@@ -106,6 +106,7 @@ LEGACY_DEFAULTS = {
     "model.video.patch_tokens": False,
     "model.dnfm.cross_attention": False,
     "model.dnfm.constrained_decode": False,  # the per-position argmax
+    "model.dnfm.layout": "sequence",  # one DNFM position per answer token
     "model.action_head": "dnfm",
     "model.latent.init_logvar": 0.0,
 }

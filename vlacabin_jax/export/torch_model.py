@@ -5,11 +5,11 @@
 
 It computes exactly what `VLACabin.infer` computes (latent means on one flat token axis, the z0
 mean, `K` unrolled Euler steps of the DNFM sampler, the action decode -- greedy under the action
-grammar with `model.dnfm.constrained_decode`, else the per-position argmax -- and greedy
-explanation decoding), with the same dtype policy as the Flax modules: in a float16 mirror the
-matmuls run in float16 while norms, RoPE, attention logits and softmax, segment pooling, the
-state encoder's Fourier features, the codebook logits and the sampler state stay in float32, as
-Flax does with `dtype=float16`.
+grammar with `model.dnfm.constrained_decode`, else the per-position argmax; under the per-setting
+layout each setting's argmax, rebuilt into a sequence -- and greedy explanation decoding), with
+the same dtype policy as the Flax modules: in a float16 mirror the matmuls run in float16 while
+norms, RoPE, attention logits and softmax, segment pooling, the state encoder's Fourier features,
+the codebook logits and the sampler state stay in float32, as Flax does with `dtype=float16`.
 
 Every route a config can switch is mirrored, read from config.json's `model` section:
   model.state.field_tokens     one Gaussian latent token per state field (no attention pool)
@@ -21,6 +21,10 @@ Every route a config can switch is mirrored, read from config.json's `model` sec
   model.bridge.connector_skip  connector input + skip_proj(rms_normalize(LM input))
   model.dnfm.cross_attention   each DNFM block cross-attends to the connector's outputs (memory)
   model.dnfm.constrained_decode  grammar-constrained greedy decode of the action ids
+  model.dnfm.layout            "sequence" (A = action_len DNFM positions, missing in configs written
+                               before it) or "per_setting" (A = one position per setting path, logits
+                               masked to the path's values, `settings_to_sequence` decode; its tables
+                               come from config.json's "setting_layout", `setting_layout_tables`)
 `model.action_head = "autoregressive"` (the quality ladder's baseline) is refused by `check_config`.
 
 Differences from the Flax code that do not change the result, and why:
@@ -36,6 +40,11 @@ Differences from the Flax code that do not change the result, and why:
 - The constrained decode is unrolled over the action positions with `where` masks (no loop, no
   boolean indexing); it is `dnfm.grammar_step` transcribed, ties broken to the lowest id as
   `jnp.argmax` / `torch.argmax` / ONNX ArgMax all do.
+- The per-setting decode's `jnp.argsort` (stable) is its inverse permutation counted with
+  comparisons, each setting's slot = how many settings sort before it: Less / Where / ReduceSum
+  on a [b, A, A] table, no Sort or TopK in the graph, and the same order, ties included.
+- The per-setting tables (`setting_layout.layout_tables`) are read from config.json, where the
+  export wrote them: `setting_layout` imports JAX, and this file must not.
 - Per-modality index tables (modality id and slot of each latent token, the state encoder's
   Fourier frequencies) are constant buffers computed from the config in Python.
 - Training-only parameters (log-variance heads, reconstruction heads, an untied LM head) are absent.
@@ -85,7 +94,10 @@ FORMAT = "vlacabin.torch_mirror"
 #    routes `state.field_tokens`, `state.numeric_fourier` (numeric_scale [n_num, 1 + 2F, width]),
 #    `video.patch_tokens`, `bridge.connector_skip`, `dnfm.cross_attention`, `dnfm.constrained_decode`.
 # 4: `frames` is uint8 RGB [0, 255] (raw camera bytes), scaled inside the model / graph.
-FORMAT_VERSION = 4
+# 5: `model.dnfm.layout` ("per_setting": DNFM outputs over one position per setting path, the
+#    tables in "setting_layout"); a version 4 config has no layout and reads as "sequence".
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (4, 5)
 INPUT_NAMES = ("text_tokens", "text_mask", "mel", "mel_mask", "frames", "frame_mask", "state_numeric",
                "state_categorical", "modality_mask", "constraint_tags", "history_actions", "history_before")
 # Element types of the inputs (mirror, ONNX graph and config.json "io" alike): ids int32, masks
@@ -125,6 +137,29 @@ def latent_layout(m: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     counts = latent_counts(m)
     return (tuple(i for i, n in enumerate(counts) for _ in range(n)),
             tuple(j for n in counts for j in range(n)))
+
+
+def dnfm_layout(m: Any) -> str:
+    """`model.dnfm.layout` of the model section `m`; configs written before the field are "sequence"."""
+    return getattr(m.dnfm, "layout", "sequence")
+
+
+def num_positions(c: Any) -> int:
+    """`setting_layout.num_positions`: the DNFM's positions A of a mirror config (`namespace`d):
+    `action_len`, or under the per-setting layout one per setting path."""
+    if dnfm_layout(c.model) == "per_setting":
+        return len(c.setting_layout.paths)
+    return int(c.model.action_len)
+
+
+def setting_layout_tables(c: Any) -> tuple[Tensor, Tensor]:
+    """The per-setting tables of a mirror config (`namespace`d; its "setting_layout" entry, which
+    `convert.mirror_config` copies from `setting_layout.layout_tables`) → (value_mask [A, vocab]
+    bool: the path's own values and `<pad>`, as `LayoutTables.value_mask`; decode_rank [vocab] int32)."""
+    path_of_token = torch.tensor(c.setting_layout.path_of_token, dtype=torch.int32)
+    paths = torch.arange(len(c.setting_layout.paths), dtype=torch.int32)
+    value_mask = (path_of_token[None, :] == paths[:, None]) | (torch.arange(len(path_of_token)) == PAD_ID)[None]
+    return value_mask, torch.tensor(c.setting_layout.decode_rank, dtype=torch.int32)
 
 
 # ------------------------------------------------------------------------------------ encoders
@@ -371,8 +406,8 @@ class Connector(nn.Module):
             self.skip_proj = nn.Linear(m.lm.width, k.width, bias=False)
         self.encoder = Stack([EncoderBlock(k.width, k.heads, k.mlp_dim, dtype) for _ in range(k.depth)])
         self.ln = LayerNorm(k.width, dtype=dtype)
-        self.query_to_action = nn.Parameter(torch.zeros(m.bridge.n_queries, m.action_len))
-        self.action_slot_embedding = nn.Parameter(torch.zeros(m.action_len, k.width))
+        self.query_to_action = nn.Parameter(torch.zeros(m.bridge.n_queries, num_positions(c)))
+        self.action_slot_embedding = nn.Parameter(torch.zeros(num_positions(c), k.width))
         self.z0 = GaussianMean(k.width, m.dnfm.d_action)
 
     def forward(self, hidden: Tensor, mask: Tensor, inputs: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -423,22 +458,31 @@ class AdaLNBlock(nn.Module):
 
 
 class DNFM(nn.Module):
-    """`dnfm.DNFM`: normalised codebook, codebook logits, velocity network v(x_t, t[, memory])."""
+    """`dnfm.DNFM`: normalised codebook, codebook logits, velocity network v(x_t, t[, memory]).
+
+    Over `num_positions` positions A; under the per-setting layout with the constant tables
+    `value_mask` [A, vocab] bool and `decode_rank` [vocab] int32 (`setting_layout_tables`).
+    """
 
     def __init__(self, c: Any, dtype: torch.dtype):
         super().__init__()
         m, d = c.model, c.model.dnfm
         self.dtype, self.d_action, self.temperature = dtype, d.d_action, float(d.temperature)
         self.cross_attention = bool(d.cross_attention)
+        self.positions, self.per_setting = num_positions(c), dnfm_layout(m) == "per_setting"
         self.action_codebook = nn.Parameter(torch.zeros(d.vocab_size, d.d_action))
         self.action_codebook.keep_fp32 = True  # the codebook and its logits are float32 in Flax too
         self.in_proj = nn.Linear(d.d_action, d.width)
-        self.position_embedding = nn.Parameter(torch.zeros(m.action_len, d.width))
+        self.position_embedding = nn.Parameter(torch.zeros(self.positions, d.width))
         self.time_in = nn.Linear(256, d.width)
         self.time_out = nn.Linear(d.width, d.width)
         memory_width = int(m.bridge.connector.width) if self.cross_attention else None
-        self.blocks = Stack([AdaLNBlock(d.width, d.heads, d.mlp_dim, m.action_len, dtype, memory_width)
+        self.blocks = Stack([AdaLNBlock(d.width, d.heads, d.mlp_dim, self.positions, dtype, memory_width)
                              for _ in range(d.depth)])
+        if self.per_setting:
+            value_mask, decode_rank = setting_layout_tables(c)
+            self.register_buffer("value_mask", value_mask, persistent=False)
+            self.register_buffer("decode_rank", decode_rank, persistent=False)
         self.final_modulation = nn.Linear(d.width, 2 * d.width)
         self.final_ln = LayerNorm(d.width, affine=False, dtype=dtype)
         self.out_proj = nn.Linear(d.width, d.d_action)
@@ -449,8 +493,12 @@ class DNFM(nn.Module):
         return e * torch.rsqrt(torch.mean(e * e, dim=-1, keepdim=True) + 1e-12)
 
     def logits(self, x: Tensor) -> Tensor:
-        """[b, l, d_action] → [b, l, vocab] float32: x · Eᵀ / (d_action · τ)."""
-        return torch.matmul(x.to(torch.float32), self.codebook().t()) / (self.d_action * self.temperature)
+        """[b, A, d_action] → [b, A, vocab] float32: x · Eᵀ / (d_action · τ); per-setting: other
+        paths' ids (and `<eos>`, `<noop>`) at `FORBIDDEN_LOGIT`, as `DNFM.logits` does with `where`."""
+        logits = torch.matmul(x.to(torch.float32), self.codebook().t()) / (self.d_action * self.temperature)
+        if self.per_setting:
+            logits = torch.where(self.value_mask, logits, FORBIDDEN_LOGIT)
+        return logits
 
     def memory_kv(self, memory: Tensor, length: int) -> list[tuple[Tensor, Tensor] | None]:
         """Each block's cross-attention keys/values of the memory [b, length, width] (None per block
@@ -505,6 +553,34 @@ def decode_tokens(logits: Tensor, constrained: bool, length: int, vocab: int) ->
         ended = ended | (tok == EOS_ID)
         out.append(tok)
     return torch.stack(out, dim=1)
+
+
+def settings_to_sequence(settings: Tensor, decode_rank: Tensor, length: int, positions: int, vocab: int) -> Tensor:
+    """`setting_layout.to_sequence`: per-setting ids [b, positions] int32 (`<pad>` = keep) →
+    action ids [b, length] int32.
+
+    The changed settings in `decode_rank` order ([vocab] int32), then `<eos>`, then `<pad>`;
+    `[<noop>, <eos>, <pad>...]` when nothing changes; past `length - 1` changes the first
+    `length - 1` in that order. Without a sort: a setting's place in the order is how many keys lie
+    below its own (the inverse permutation of `jnp.argsort`), and output slot s takes the setting
+    whose place is s. Counts and the gather are float32 sums of 0/1 terms (exact: ids < 2^24),
+    as TensorRT reduces no booleans. `length`, `positions` and `vocab` are Python ints.
+    """
+    changed = settings != PAD_ID
+    index = torch.arange(positions, dtype=torch.int32)
+    # Unchanged positions sort last, by position (vocab + p lies above every rank), as in JAX.
+    key = torch.where(changed, decode_rank[settings], index + vocab)
+    # key · positions + p is distinct per position, so the order is the stable argsort's even if
+    # two keys tied (they cannot: a rank is a token's, and each token belongs to one position).
+    unique = key * positions + index
+    place = (unique[:, None, :] < unique[:, :, None]).to(torch.float32).sum(-1)  # [b, positions]
+    count = torch.clamp(changed.to(torch.float32).sum(-1, keepdim=True), max=float(length - 1))  # [b, 1]
+    slot = torch.arange(length, dtype=torch.float32)
+    hit = (place[:, :, None] == slot).to(torch.float32)  # [b, positions, length]
+    emitted = (settings.to(torch.float32)[:, :, None] * hit).sum(1)  # [b, length]
+    out = torch.where(slot < count, emitted, torch.where(slot == count, float(EOS_ID), float(PAD_ID)))
+    noop = torch.where(slot == 0.0, float(NOOP_ID), torch.where(slot == 1.0, float(EOS_ID), float(PAD_ID)))
+    return torch.where(count == 0.0, noop, out).to(torch.int32)
 
 
 class ExplainBlock(nn.Module):
@@ -687,16 +763,22 @@ class VLACabinMirror(nn.Module):
                 + m.bridge.n_queries)
 
     def decode_actions(self, logits: Tensor) -> Tensor:
-        """Codebook logits [b, A, vocab] → action ids [b, A] int32 (`dnfm.decode_tokens`)."""
+        """Codebook logits [b, A, vocab] → action ids [b, action_len] int32 (`dnfm.decode_actions`):
+        the per-setting argmax rebuilt into a sequence, or `dnfm.decode_tokens` of the positions."""
         m = self.cfg.model
+        if self.dnfm.per_setting:
+            settings = torch.argmax(logits, dim=-1).to(torch.int32)
+            return settings_to_sequence(settings, self.dnfm.decode_rank, int(m.action_len), self.dnfm.positions,
+                                        int(m.dnfm.vocab_size))
         return decode_tokens(logits, bool(m.dnfm.constrained_decode), int(m.action_len), int(m.dnfm.vocab_size))
 
     def forward(self, text_tokens, text_mask, mel, mel_mask, frames, frame_mask, state_numeric,
                 state_categorical, modality_mask, constraint_tags, history_actions,
                 history_before) -> dict[str, Tensor]:
-        """Inputs as in the module docstring. Returns {action_tokens int32 [b, A], explanation_tokens
-        int32 [b, explain_len], z0 [b, A, d], velocities [b, K, A, d], x1 [b, A, d],
-        action_logits [b, A, vocab], context [b, q, width]} (all float outputs float32)."""
+        """Inputs as in the module docstring. Returns {action_tokens int32 [b, action_len],
+        explanation_tokens int32 [b, explain_len], z0 [b, A, d], velocities [b, K, A, d], x1 [b, A, d],
+        action_logits [b, A, vocab], context [b, q, width]} (all float outputs float32; A =
+        `num_positions`)."""
         means, mask = self.encode(text_tokens, text_mask, mel, mel_mask, frames, frame_mask, state_numeric,
                                   state_categorical, modality_mask)
         context, z0, memory, memory_mask = self.context(means, mask, text_tokens, text_mask, constraint_tags,
@@ -719,18 +801,38 @@ def cast_to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def check_config(config: Mapping[str, Any]) -> None:
-    """config.json must be ours, of this format version, with a supported K."""
+    """config.json must be ours, of a format version this code reads, with a supported K (and the
+    per-setting tables when the layout needs them)."""
     if config.get("format") != FORMAT:
         raise ValueError(f"not a VLA-Cabin mirror config (format must be {FORMAT!r}, got {config.get('format')!r})")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"mirror config format_version {config.get('format_version')!r} is not supported "
-                         f"(this code reads {FORMAT_VERSION}); export the checkpoint again with this code")
+                         f"(this code reads {', '.join(map(str, READABLE_VERSIONS))}); export the checkpoint "
+                         "again with this code")
     steps = config.get("steps")
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"sampler steps K={steps!r} not supported (1..{MAX_STEPS})")
     head = (config.get("model") or {}).get("action_head", "dnfm")
     if head != "dnfm":
         raise ValueError(unsupported_action_head(head))
+    layout = ((config.get("model") or {}).get("dnfm") or {}).get("layout", "sequence")
+    if layout not in ("sequence", "per_setting"):
+        raise ValueError(f"model.dnfm.layout = {layout!r} is not supported (use 'sequence' or 'per_setting')")
+    if layout == "per_setting":
+        check_setting_layout(config.get("setting_layout"), int(config["model"]["dnfm"]["vocab_size"]))
+
+
+def check_setting_layout(tables: Any, vocab: int) -> None:
+    """config.json's "setting_layout" must fit the action vocabulary: a path (or -1 for the special
+    tokens) per id, and a decode rank that orders the ids (distinct ranks 0..vocab-1)."""
+    if not isinstance(tables, Mapping) or not {"paths", "path_of_token", "decode_rank"} <= set(tables):
+        raise ValueError("model.dnfm.layout = 'per_setting' needs config.json's \"setting_layout\" "
+                         "{paths, path_of_token, decode_rank}; export the checkpoint again with this code")
+    paths, path_of_token, rank = tables["paths"], list(tables["path_of_token"]), list(tables["decode_rank"])
+    if (len(path_of_token) != vocab or sorted(rank) != list(range(vocab))
+            or any(not -1 <= p < len(paths) for p in path_of_token)):
+        raise ValueError(f"config.json's setting_layout does not fit the action vocabulary of {vocab} ids "
+                         f"({len(paths)} paths, {len(path_of_token)} path ids, {len(rank)} ranks)")
 
 
 def unsupported_action_head(head: Any) -> str:
@@ -783,16 +885,18 @@ def example_history(action_len: int, vocab: int, batch_size: int, g: torch.Gener
 
 def io_spec(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
     """Names, dtypes and shapes ("batch" first) of the inputs and outputs (mirror and ONNX alike)."""
-    m, d = namespace(config["model"]), namespace(config["data"])
-    size, a, k = m.vit.image_size, m.action_len, int(config["steps"])
+    c = namespace(config)
+    m, d = c.model, c.data
+    # The history is action_len ids like the decoded answer; the DNFM tensors span its A positions.
+    size, a, k, p = m.vit.image_size, m.action_len, int(config["steps"]), num_positions(c)
     shapes_in = {"text_tokens": [d.text_len], "text_mask": [d.text_len], "mel": [d.mel_frames, m.speech.n_mels],
                  "mel_mask": [d.mel_frames], "frames": [d.num_frames, size, size, 3], "frame_mask": [d.num_frames],
                  "state_numeric": [m.state.numeric_dim], "state_categorical": [len(m.state.categorical_sizes)],
                  "modality_mask": [4], "constraint_tags": [m.bridge.n_constraint_tags], "history_actions": [a],
                  "history_before": [a]}
     shapes_out = {"action_tokens": ("int32", [a]), "explanation_tokens": ("int32", [m.explain_len]),
-                  "z0": ("float32", [a, m.dnfm.d_action]), "velocities": ("float32", [k, a, m.dnfm.d_action]),
-                  "x1": ("float32", [a, m.dnfm.d_action]), "action_logits": ("float32", [a, m.dnfm.vocab_size]),
+                  "z0": ("float32", [p, m.dnfm.d_action]), "velocities": ("float32", [k, p, m.dnfm.d_action]),
+                  "x1": ("float32", [p, m.dnfm.d_action]), "action_logits": ("float32", [p, m.dnfm.vocab_size]),
                   "context": ("float32", [m.bridge.n_queries, m.bridge.connector.width])}
     entry = lambda dt, shape: {"dtype": dt, "shape": ["batch"] + shape}  # noqa: E731
     return {"inputs": {k: entry(INPUT_DTYPES[k], shapes_in[k]) for k in INPUT_NAMES},

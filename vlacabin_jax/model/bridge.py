@@ -1,6 +1,6 @@
 """MetaQuery bridge: latent tokens + constraint tags + instruction text + learnable queries run
 through the frozen LM; the query outputs go through a trainable connector to the variational head
-that gives the DNFM source latent z0 [batch, action_len, d_action].
+that gives the DNFM source latent z0 [batch, positions, d_action] (`setting_layout.num_positions`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlacabin_jax.model import layers
+from vlacabin_jax.model import layers, setting_layout
 from vlacabin_jax.model.encoders import GaussianHead, rms_normalize
 
 Dtype = Any
@@ -81,7 +81,7 @@ class Connector(nn.Module):
     With `bridge.connector_reads = "queries"` it sees the query positions only (MetaQuery); with
     "all" it attends over every valid LM position and keeps its outputs at the query positions.
     Returns (context [b, n_queries, width] for the explanation head,
-             z0 mean and logvar [b, action_len, d_action],
+             z0 mean and logvar [b, positions, d_action] (one per DNFM position),
              memory [b, l, width]: the normalised outputs at every position it read, for the
              DNFM's cross-attention).
     """
@@ -110,12 +110,13 @@ class Connector(nn.Module):
         memory = layers.LayerNorm(name="ln", **kw)(x)
         context = memory[:, -self.cfg.bridge.n_queries:]
         # The queries map to the action positions through a learned mix over the query axis,
-        # so n_queries and action_len can differ.
+        # so n_queries and the DNFM's positions can differ.
+        positions = setting_layout.num_positions(self.cfg)
         mix = self.param("query_to_action", layers.logical(nn.initializers.normal(1.0 / self.cfg.bridge.n_queries ** 0.5),
                                                            (None, None)),
-                         (self.cfg.bridge.n_queries, self.cfg.action_len), self.param_dtype)
+                         (self.cfg.bridge.n_queries, positions), self.param_dtype)
         slots = jnp.einsum("bqw,qa->baw", context, mix.astype(self.dtype))
         slots = slots + self.param("action_slot_embedding", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
-                                   (self.cfg.action_len, c.width), self.param_dtype).astype(self.dtype)
+                                   (positions, c.width), self.param_dtype).astype(self.dtype)
         mean, logvar = GaussianHead(self.cfg.dnfm.d_action, logvar_init=self.cfg.latent.init_logvar, name="z0", **kw)(slots)
         return context, mean, logvar, memory

@@ -5,6 +5,10 @@ so it cannot collapse to a point without the cross-entropy terms noticing); a bi
 v(x_t, t) (time through adaptive LayerNorm; with
 `model.dnfm.cross_attention` each block also attends to the connector's outputs) regresses x1 - z0. Endpoints
 x_t + (1 - t) v decode to tokens as x · Eᵀ / τ. Sampling: K Euler steps from z0, then argmax.
+
+Positions follow `model.dnfm.layout`: "sequence" (position k is the answer's k-th token) or
+"per_setting" (position p is setting path p: its new value or `<pad>` for keep, logits masked to
+the path's own values; `setting_layout` rebuilds the sequence).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlacabin_jax.data.actions import EOS_ID, NOOP_ID, PAD_ID
-from vlacabin_jax.model import layers
+from vlacabin_jax.model import layers, setting_layout
 
 Dtype = Any
 
@@ -69,7 +73,8 @@ class DNFM(nn.Module):
 
     Methods:
       codebook() -> [vocab, d_action], unit-norm rows (float32).
-      logits(x [b, l, d_action]) -> [b, l, vocab] float32.
+      logits(x [b, l, d_action]) -> [b, l, vocab] float32 (per_setting: other paths' ids at the
+        float32 minimum).
       __call__(x_t [b, l, d_action], t [b], memory [b, m, w], memory_mask [b, m])
         -> velocity [b, l, d_action] float32 (memory is read only with `dnfm.cross_attention`).
     """
@@ -86,7 +91,7 @@ class DNFM(nn.Module):
             (d.vocab_size, d.d_action), self.param_dtype)
         self.in_proj = layers.Dense(d.width, (None, "embed"), use_bias=True, name="in_proj", **kw)
         self.position = self.param("position_embedding", layers.logical(nn.initializers.normal(0.02), (None, "embed")),
-                                   (self.cfg.action_len, d.width), self.param_dtype)
+                                   (setting_layout.num_positions(self.cfg), d.width), self.param_dtype)
         self.time_mlp_in = layers.Dense(d.width, (None, "embed"), use_bias=True, name="time_in", **kw)
         self.time_mlp_out = layers.Dense(d.width, ("embed", "embed_out"), use_bias=True, name="time_out", **kw)
         self.blocks = layers.LayerStack(
@@ -110,7 +115,11 @@ class DNFM(nn.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """Token logits [b, l, vocab]: x · Eᵀ / (d_action · τ), i.e. cosine / τ at the codebook."""
         d = self.cfg.dnfm
-        return jnp.einsum("bld,vd->blv", x.astype(jnp.float32), self.codebook()) / (d.d_action * d.temperature)
+        logits = jnp.einsum("bld,vd->blv", x.astype(jnp.float32), self.codebook()) / (d.d_action * d.temperature)
+        if d.layout == "per_setting":
+            allowed = jnp.asarray(setting_layout.layout_tables().value_mask)
+            logits = jnp.where(allowed[None], logits, jnp.finfo(jnp.float32).min)
+        return logits
 
     def __call__(self, x_t: jax.Array, t: jax.Array, memory: jax.Array | None = None,
                  memory_mask: jax.Array | None = None) -> jax.Array:
@@ -183,3 +192,13 @@ def decode_tokens(logits: jax.Array, constrained: bool) -> jax.Array:
         tok, ended, noop = grammar_step(logits[:, i], i, length, ended, noop)
         out.append(tok)
     return jnp.stack(out, axis=1)
+
+
+def decode_actions(logits: jax.Array, model_cfg: ml_collections.ConfigDict) -> jax.Array:
+    """DNFM logits [b, positions, vocab] → action ids [b, action_len] int32 under
+    `model.dnfm.layout`: "sequence" decodes the positions (`decode_tokens`); "per_setting" takes
+    each setting's argmax and emits the changed ones in order (`setting_layout.to_sequence`)."""
+    if model_cfg.dnfm.layout == "per_setting":
+        settings = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return setting_layout.to_sequence(settings, model_cfg.action_len, setting_layout.layout_tables())
+    return decode_tokens(logits, model_cfg.dnfm.constrained_decode)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlacabin_jax.model import setting_layout
 from vlacabin_jax.model.dnfm import DNFM
 
 # The reference needs only the DNFM (codebook and velocity network): z0 and t are shared with the
@@ -40,7 +41,7 @@ def sequence_velocity_error(velocity: jax.Array, z0: jax.Array, x1: jax.Array) -
       velocity: [b, l, d] predicted v(x_t, t); z0, x1: [b, l, d] source and target codebook vectors.
     Returns:
       [b] float32. Summed over positions so every action token weighs the same whatever the
-      sequence length (both sides have action_len positions, padding included).
+      sequence length (both sides have the same DNFM positions, padding / keep included).
     """
     err = jnp.square(velocity.astype(jnp.float32) - (x1 - z0).astype(jnp.float32))
     return err.mean(-1).sum(-1)
@@ -83,7 +84,8 @@ def reference_errors(reference: dict, cfg: ml_collections.ConfigDict, z0: jax.Ar
       reference: {"dnfm": params} (the frozen copy, `REFERENCE_KEYS`).
       cfg: the full config (`model` is read).
       z0: [b, l, d] the policy's source sample (treated as a constant); t: [b] times.
-      chosen, rejected: [b, l] action token ids.
+      chosen, rejected: [b, action_len] action token ids (mapped to the DNFM's positions under
+        `model.dnfm.layout`).
       memory, memory_mask: [b, m, w], [b, m] the policy's connector outputs (a constant), which
         the DNFM's cross-attention reads (`model.dnfm.cross_attention`; None otherwise).
     Returns:
@@ -97,7 +99,7 @@ def reference_errors(reference: dict, cfg: ml_collections.ConfigDict, z0: jax.Ar
     tb = t[:, None, None]
     errors = []
     for tokens in (chosen, rejected):
-        x1 = codebook[tokens]
+        x1 = codebook[setting_layout.dnfm_targets(tokens, m)]
         v = module.apply(variables, (1.0 - tb) * z0 + tb * x1, t, memory, memory_mask)
         errors.append(sequence_velocity_error(v, z0, x1))
     return errors[0], errors[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from vlacabin_jax.model import setting_layout
 from vlacabin_jax.model.vla_cabin import latent_counts
 
 
@@ -87,7 +88,8 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
     lm_attn = lm.depth * _attention(seq, seq, q_dim)
 
     # Connector and variational head.
-    c, nq, la = m.bridge.connector, m.bridge.n_queries, m.action_len
+    # DNFM positions: action_len, or one per setting path (`model.dnfm.layout`).
+    c, nq, la = m.bridge.connector, m.bridge.n_queries, setting_layout.num_positions(m)
     read = seq if m.bridge.connector_reads == "all" else nq  # LM positions the connector attends over
     add(((1 + m.bridge.connector_skip) * _dense(read, lm.width, c.width), 0.0))
     add(_encoder_stack(read, c.width, c.mlp_dim, c.depth))
@@ -105,9 +107,10 @@ def model_flops_per_sample(cfg: ml_collections.ConfigDict) -> float:
     add((2 * (per_eval + stack_dense), 2 * stack_attn))
     add((3 * _dense(la, f.d_action, f.vocab_size), 0.0))
     if m.action_head == "autoregressive":  # the ladder's baseline head, teacher-forced
-        add((f.depth * (_dense(la, f.width, 6 * f.width) + _dense(read, c.width, 2 * f.width)
-                        + _dense(la, f.width, 2 * f.mlp_dim)) + _dense(la, f.width, f.vocab_size),
-             f.depth * (_attention(la, la, f.width) + _attention(la, read, f.width))))
+        ls = m.action_len
+        add((f.depth * (_dense(ls, f.width, 6 * f.width) + _dense(read, c.width, 2 * f.width)
+                        + _dense(ls, f.width, 2 * f.mlp_dim)) + _dense(ls, f.width, f.vocab_size),
+             f.depth * (_attention(ls, ls, f.width) + _attention(ls, read, f.width))))
 
     # Explanation head (teacher forcing on explain_len - 1 positions).
     e, le = m.explain, m.explain_len - 1

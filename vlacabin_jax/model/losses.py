@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlacabin_jax.data.actions import EOS_ID
+from vlacabin_jax.data.actions import EOS_ID, PAD_ID
 from vlacabin_jax.data.spec import MODALITIES
+from vlacabin_jax.model import setting_layout
 
 # (sum over the rows/tokens a term covers, their count): float32 scalars.
 Part = tuple[jax.Array, jax.Array]
@@ -32,7 +33,8 @@ PER_STEP_METRICS = ("kl_scale", "codebook_min_distance")
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> Part:
-    """(Σ values where `mask` holds, how many hold), `mask` broadcast to `values`' shape."""
+    """(Σ values where `mask` holds, how many hold), `mask` broadcast to `values`' shape; a float
+    `mask` weighs each value (Σ w·values, Σ w)."""
     mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
     return (values * mask).sum(), mask.sum()
 
@@ -133,20 +135,20 @@ def loss_parts(out: dict, batch: dict, cfg: ml_collections.ConfigDict) -> dict[s
     parts["recon_mel"] = masked_sum(jnp.square(recon["mel"] - mel_target).mean(-1), has_speech)
     parts["recon_visual"] = masked_sum(jnp.square(recon["visual"] - out["visual_target"]).mean(-1), has_video)
 
-    # --- DNFM
-    tokens = batch["action_tokens"]
-    per_sample = has_actions[:, None]
-    parts["velocity"] = masked_sum(jnp.square(out["velocity"] - out["velocity_target"]).mean(-1), per_sample)
-    parts["endpoint_ce"] = masked_sum(cross_entropy(out["endpoint_logits"], tokens), per_sample)
-    parts["source_ce"] = masked_sum(cross_entropy(out["source_logits"], tokens), per_sample)
+    # --- DNFM (its targets: the sequence, or one per setting under `model.dnfm.layout`)
+    tokens = setting_layout.dnfm_targets(batch["action_tokens"], mc)
+    position_weights = dnfm_position_weights(tokens, has_actions, mc.dnfm.layout, lc.keep_weight)
+    parts["velocity"] = masked_sum(jnp.square(out["velocity"] - out["velocity_target"]).mean(-1), position_weights)
+    parts["endpoint_ce"] = masked_sum(cross_entropy(out["endpoint_logits"], tokens), position_weights)
+    parts["source_ce"] = masked_sum(cross_entropy(out["source_logits"], tokens), position_weights)
     # The velocity error on the model's own path, scaled by the time left: (1 - t')·(v' - v'*) is
     # the error of the endpoint it implies. Unscaled, the target (x1 - x')/(1 - t') explodes as t'
     # nears 1 (path terms of 7e3 and grad norms of 1.6e4 seen at step 13 of a tiny run), and the
     # clipped update of such a step is spent on that one term.
     remaining = (1.0 - out["t_next"])[:, None, None]
     path_velocity = jnp.square(remaining * (out["velocity_next"] - out["velocity_next_target"])).mean(-1)
-    parts["path_ce"] = masked_sum(cross_entropy(out["path_logits"], tokens), per_sample)
-    parts["path_velocity"] = masked_sum(path_velocity, per_sample)
+    parts["path_ce"] = masked_sum(cross_entropy(out["path_logits"], tokens), position_weights)
+    parts["path_velocity"] = masked_sum(path_velocity, position_weights)
     parts["path_gap"] = masked_sum(out["path_endpoint_gap"], has_actions)
 
     # --- explanation
@@ -157,17 +159,36 @@ def loss_parts(out: dict, batch: dict, cfg: ml_collections.ConfigDict) -> dict[s
     def hits(logits, labels):
         return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
-    parts["endpoint_acc"] = masked_sum(hits(out["endpoint_logits"], tokens), per_sample)
-    parts["source_acc"] = masked_sum(hits(out["source_logits"], tokens), per_sample)
-    parts["path_acc"] = masked_sum(hits(out["path_logits"], tokens), per_sample)
+    parts["endpoint_acc"] = masked_sum(hits(out["endpoint_logits"], tokens), has_actions[:, None])
+    parts["source_acc"] = masked_sum(hits(out["source_logits"], tokens), has_actions[:, None])
+    parts["path_acc"] = masked_sum(hits(out["path_logits"], tokens), has_actions[:, None])
     parts["explanation_acc"] = masked_sum(hits(out["explanation_logits"], expl_targets), expl_mask)
     parts["endpoint_action_acc"], parts["endpoint_sequence_acc"] = action_accuracy_parts(
         out["endpoint_logits"], tokens, has_actions)
     # The autoregressive action head (model.action_head; the ladder's baseline), teacher-forced.
     if "ar_logits" in out:
-        parts["ar_ce"] = masked_sum(cross_entropy(out["ar_logits"], tokens), per_sample)
-        parts["ar_action_acc"], parts["ar_sequence_acc"] = action_accuracy_parts(out["ar_logits"], tokens, has_actions)
+        sequence, every_sample = batch["action_tokens"], has_actions[:, None]
+        parts["ar_ce"] = masked_sum(cross_entropy(out["ar_logits"], sequence), every_sample)
+        parts["ar_action_acc"], parts["ar_sequence_acc"] = action_accuracy_parts(
+            out["ar_logits"], sequence, has_actions)
     return parts
+
+
+def dnfm_position_weights(targets: jax.Array, has_actions: jax.Array, layout: str, keep_weight: float
+                          ) -> jax.Array:
+    """Weight of each DNFM position in its terms: [b, positions] float32.
+
+    Rows without an action target weigh 0. Under the "per_setting" layout most positions are
+    "keep" (`<pad>`) in any answer; averaged at full weight they teach the model to change
+    nothing, so they weigh `keep_weight` and the changed settings 1.
+
+    Args:
+      targets: [b, positions] the DNFM's token targets; has_actions: [b] bool.
+    """
+    rows = has_actions[:, None].astype(jnp.float32)
+    if layout != "per_setting":
+        return jnp.broadcast_to(rows, targets.shape)
+    return rows * jnp.where(targets == PAD_ID, keep_weight, 1.0)
 
 
 def loss_terms(out: dict, batch: dict, cfg: ml_collections.ConfigDict, step,

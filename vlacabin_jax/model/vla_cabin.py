@@ -19,7 +19,7 @@ import ml_collections
 
 from vlacabin_jax.data.actions import PAD_ID
 from vlacabin_jax.data.spec import MODALITIES, frames_unit
-from vlacabin_jax.model import ar_head, bridge, dnfm, encoders, explain
+from vlacabin_jax.model import ar_head, bridge, dnfm, encoders, explain, setting_layout
 from vlacabin_jax.model.lm import DecoderLM
 from vlacabin_jax.model.vit import VisionTransformer
 
@@ -142,7 +142,7 @@ class VLACabin(nn.Module):
         `latent` (reparameterisation) and `flow` (time and step sampling).
 
         `with_rejected` (static) adds the velocity on the path to `batch["rejected_tokens"]` from
-        the same z0 and t (`velocity_rejected`, `x1_rejected` [b, action_len, d_action]) for the
+        the same z0 and t (`velocity_rejected`, `x1_rejected` [b, positions, d_action]) for the
         preference loss (`vlacabin_jax.model.dpo`)."""
         enc = self.encode(batch)
         eps = jax.random.normal(self.make_rng("latent"), enc["mean"].shape)
@@ -154,7 +154,8 @@ class VLACabin(nn.Module):
         z0 = z0_mean + jnp.exp(0.5 * z0_logvar) * jax.random.normal(self.make_rng("latent"), z0_mean.shape)
 
         codebook = self.dnfm.codebook()
-        x1 = codebook[batch["action_tokens"]]
+        targets = setting_layout.dnfm_targets(batch["action_tokens"], self.cfg)
+        x1 = codebook[targets]
         b = x1.shape[0]
         k_src, k_beta, k_step = jax.random.split(self.make_rng("flow"), 3)
         # Half the batch at t = 0 (where the sampler starts), the rest weighted toward the source.
@@ -180,7 +181,7 @@ class VLACabin(nn.Module):
         expl = batch["explanation_tokens"]
         extra = {}
         if with_rejected:
-            x1_l = codebook[batch["rejected_tokens"]]
+            x1_l = codebook[setting_layout.dnfm_targets(batch["rejected_tokens"], self.cfg)]
             extra = {"x1_rejected": x1_l, "velocity_rejected": velocity((1.0 - tb) * z0 + tb * x1_l, t)}
         return extra | {
             "latent_mean": enc["mean"], "latent_logvar": enc["logvar"], "latent_mask": enc["mask"],
@@ -212,7 +213,7 @@ class VLACabin(nn.Module):
         else:
             velocity = functools.partial(self.dnfm, memory=memory, memory_mask=memory_mask)
             x1 = dnfm.euler_sample(velocity, z0_mean, steps)
-            actions = dnfm.decode_tokens(self.dnfm.logits(x1), c.dnfm.constrained_decode)
+            actions = dnfm.decode_actions(self.dnfm.logits(x1), c)
         expl = explain.greedy_decode(lambda tok: self.explanation(tok, context), z0_mean.shape[0],
                                      c.explain_len, c.text_bos_id, c.text_eos_id, c.text_pad_id)
         return actions, expl
@@ -231,7 +232,7 @@ class VLACabin(nn.Module):
         z0 = z0_mean + noise_scale * jnp.exp(0.5 * z0_logvar) * jax.random.normal(k_z0, z0_mean.shape)
         velocity = functools.partial(self.dnfm, memory=memory, memory_mask=memory_mask)
         x1 = dnfm.euler_sample(velocity, z0, steps)
-        return dnfm.decode_tokens(self.dnfm.logits(x1), self.cfg.dnfm.constrained_decode)
+        return dnfm.decode_actions(self.dnfm.logits(x1), self.cfg)
 
     def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         """Initialisation entry point: the training path touches every submodule. Not `infer`:

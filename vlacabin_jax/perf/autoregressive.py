@@ -42,7 +42,7 @@ def init_ar_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
 
 
 def _backbone(module: VLACabin, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(z0 mean [b, action_len, d_action], connector memory [b, l, w], its mask [b, l])."""
+    """(z0 mean [b, positions, d_action], connector memory [b, l, w], its mask [b, l])."""
     enc = module.encode(batch)
     _, z0, _, memory, memory_mask = module.context(batch, enc["mean"], enc["mask"])
     return z0, memory, memory_mask
@@ -62,7 +62,7 @@ def decision_functions(cfg: ml_collections.ConfigDict, steps: tuple[int, ...] = 
         def decide(module, batch):
             z0, memory, memory_mask = _backbone(module, batch)
             x1 = dnfm.euler_sample(functools.partial(module.dnfm, memory=memory, memory_mask=memory_mask), z0, k)
-            return dnfm.decode_tokens(module.dnfm.logits(x1), m.dnfm.constrained_decode)
+            return dnfm.decode_actions(module.dnfm.logits(x1), m)
         return decide
 
     def backbone_only(params, frozen, ar_params, batch):

@@ -9,7 +9,8 @@
 The loss mirrors `model/losses.py` on the terms that carry the work of a step: DNFM velocity
 regression, endpoint cross-entropy, source-alignment cross-entropy, path consistency (a second
 velocity evaluation one Euler step on, its cross-entropy, velocity and endpoint-gap terms) and
-the teacher-forced explanation cross-entropy. It leaves out what the mirror has no parameters
+the teacher-forced explanation cross-entropy, over the DNFM's positions (per setting under
+`model.dnfm.layout = "per_setting"`, unweighted: `loss.keep_weight` changes no work). It leaves out what the mirror has no parameters
 for (the log-variance heads, hence the reparameterisation and KL terms; the reconstruction heads)
 and InfoNCE: a few small matmuls against the same encoders, ViT, LM, DNFM and decoder. As in
 JAX, the frozen ViT and LM get no parameter gradients (the LM still passes gradients to its
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlacabin_jax.export.torch_model import VLACabinMirror, example_inputs, namespace
+from vlacabin_jax.export.torch_model import PAD_ID, VLACabinMirror, example_inputs, namespace
 
 LOSS_TERMS = ("velocity", "endpoint_ce", "source_ce", "path", "explanation_ce")
 
@@ -63,6 +64,22 @@ class MirrorTrainer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         for module in (self.mirror.vit, self.mirror.lm):
             module.requires_grad_(False)
+        # Under the per-setting layout the DNFM's targets are per setting (`setting_layout.to_settings`).
+        c = namespace(config)
+        self.path_of_token = (torch.tensor(c.setting_layout.path_of_token, dtype=torch.long)
+                              if self.mirror.dnfm.per_setting else None)
+
+    def dnfm_targets(self, tokens: Tensor) -> Tensor:
+        """Answers [b, action_len] → the DNFM's targets [b, A]: the answer, or per setting path its
+        last value in the answer and `<pad>` (keep) elsewhere (`setting_layout.to_settings`)."""
+        tokens = tokens.long()
+        if self.path_of_token is None:
+            return tokens
+        positions = torch.arange(self.mirror.dnfm.positions)
+        out = torch.full((tokens.shape[0], len(positions)), PAD_ID, dtype=torch.long)
+        for i in range(tokens.shape[1]):
+            out = torch.where(self.path_of_token[tokens[:, i]][:, None] == positions, tokens[:, i:i + 1], out)
+        return out
 
     def loss(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         mm = self.mirror
@@ -72,13 +89,13 @@ class MirrorTrainer(nn.Module):
         context, z0, memory, memory_mask = mm.context(means, mask, inputs["text_tokens"], inputs["text_mask"],
                                                       inputs["constraint_tags"], inputs["history_actions"],
                                                       inputs["history_before"])
-        tokens, t, dt = inputs["action_tokens"], inputs["t"], inputs["dt"]
+        tokens, t, dt = self.dnfm_targets(inputs["action_tokens"]), inputs["t"], inputs["dt"]
         dnfm = mm.dnfm
         # The DNFM's cross-attention (`model.dnfm.cross_attention`) reads the connector memory;
         # its keys/values are projected once for both velocity evaluations, as in `mm.sample`.
         kv = dnfm.memory_kv(memory, mm.memory_length) if dnfm.cross_attention else None
         velocity = lambda x, time: dnfm(x, time, kv, memory_mask if kv is not None else None)  # noqa: E731
-        x1 = dnfm.codebook()[tokens.long()]
+        x1 = dnfm.codebook()[tokens]
         tb = t[:, None, None]
         x_t = (1.0 - tb) * z0 + tb * x1
         v = velocity(x_t, t)
