@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vlacabin_jax.data import cabin
@@ -99,7 +100,7 @@ def to_settings(tokens: jax.Array, tables: LayoutTables) -> jax.Array:
     return out
 
 
-def dnfm_targets(tokens: jax.Array, model_cfg) -> jax.Array:
+def dnfm_targets(tokens: jax.Array, model_cfg: ml_collections.ConfigDict) -> jax.Array:
     """Action sequences [b, action_len] → the DNFM's token targets [b, positions]: the sequence
     itself, or under `model.dnfm.layout = "per_setting"` `to_settings`."""
     if model_cfg.dnfm.layout == "per_setting":
@@ -128,6 +129,6 @@ def to_sequence(settings: jax.Array, length: int, tables: LayoutTables) -> jax.A
     return jnp.where(noop, jnp.where(slot == 0, NOOP_ID, jnp.where(slot == 1, EOS_ID, PAD_ID)), out).astype(jnp.int32)
 
 
-def num_positions(model_cfg) -> int:
+def num_positions(model_cfg: ml_collections.ConfigDict) -> int:
     """DNFM positions under `model.dnfm.layout`: `action_len` ("sequence") or one per setting path."""
     return len(layout_tables().paths) if model_cfg.dnfm.layout == "per_setting" else model_cfg.action_len
