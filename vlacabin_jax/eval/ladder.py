@@ -74,7 +74,9 @@ FIXES = {
     "per_setting": (("model.dnfm.layout", "per_setting"), ("loss.keep_weight", 0.3)),
 }
 _ALL = tuple(kv for fix in FIXES.values() for kv in fix)
-_SEQUENCE = (("model.dnfm.layout", "sequence"), ("loss.keep_weight", 1.0))
+# Every fix, the DNFM over the answer's tokens instead of one position per setting.
+_ALL_SEQUENCE = (tuple(kv for kv in _ALL if kv not in FIXES["per_setting"])
+                 + (("model.dnfm.layout", "sequence"), ("loss.keep_weight", 1.0)))
 _AR = (("model.action_head", "autoregressive"), ("loss.velocity_weight", 0.0), ("loss.endpoint_weight", 0.0),
        ("loss.source_weight", 0.0), ("loss.path_weight", 0.0))
 
@@ -88,9 +90,8 @@ RUNGS: dict[str, Rung] = {
     "full": Rung("every fix (tiny's defaults; set here, so a stage config that freezes the anchor keeps it learning)",
                  _ALL),
     "full_sequence": Rung("every fix but the per-setting layout: the DNFM's positions are the answer's tokens",
-                          tuple(kv for kv in _ALL if kv not in FIXES["per_setting"]) + _SEQUENCE),
-    "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM",
-                    tuple(kv for kv in _ALL if kv not in FIXES["per_setting"]) + _SEQUENCE + _AR),
+                          _ALL_SEQUENCE),
+    "full_ar": Rung("full backbone, autoregressive action head instead of the DNFM", _ALL_SEQUENCE + _AR),
 }
 
 # The rungs that are not the model: rung name → `feature_baseline` learner.
