@@ -4,7 +4,7 @@ import re
 import pytest
 
 from configs.vla_cabin import VARIANTS, get_config
-from vlacabin_jax.config import ConfigError, validate
+from vlacabin_jax.config import LEGACY_DEFAULTS, ConfigError, validate, with_legacy_defaults
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -56,3 +56,18 @@ def test_wrong_type_is_named():
     import ml_collections
     with pytest.raises(ConfigError, match="'model.action_len' = 'eight' has type str, expected int"):
         validate(ml_collections.ConfigDict(cfg_dict))
+
+
+def test_legacy_defaults_fill_only_the_missing_fields():
+    saved = {"variant": "tiny", "model": {"dnfm": {"layout": "per_setting", "temperature": 0.2}}}
+    filled = with_legacy_defaults(saved)
+    assert filled["model"]["dnfm"] == {"layout": "per_setting", "temperature": 0.2, "cross_attention": False,
+                                       "constrained_decode": False}
+    assert filled["model"]["bridge"]["connector_reads"] == "queries" and filled["model"]["action_head"] == "dnfm"
+    assert "bridge" not in saved["model"]  # the input is left as it was
+    empty = with_legacy_defaults({})
+    for path, value in LEGACY_DEFAULTS.items():
+        node = empty
+        for key in path.split("."):
+            node = node[key]
+        assert node == value, path

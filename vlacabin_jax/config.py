@@ -8,6 +8,7 @@ value checks in `CHECKS`; each check returns a list of problems.
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import os
 from typing import Callable, Sequence
@@ -292,6 +293,37 @@ def validate(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDic
     if problems:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
+
+
+# Fields added after the first checkpoints, with the value the model had before them (what a
+# checkpoint saved without the field was trained with); `with_legacy_defaults` fills them in.
+LEGACY_DEFAULTS = {
+    "model.bridge.connector_reads": "queries",
+    "model.bridge.connector_skip": False,
+    "model.state.field_tokens": False,
+    "model.state.numeric_fourier": 0,
+    "model.video.patch_tokens": False,
+    "model.dnfm.cross_attention": False,
+    "model.dnfm.constrained_decode": False,  # the per-position argmax
+    "model.dnfm.layout": "sequence",  # one DNFM position per answer token
+    "model.action_head": "dnfm",
+    "model.latent.init_logvar": 0.0,
+}
+
+
+def with_legacy_defaults(saved: dict) -> dict:
+    """A saved config's JSON dict with every `LEGACY_DEFAULTS` field it lacks set to its legacy
+    value (a copy; the fields it has keep theirs), so it rebuilds the model it was saved with
+    rather than today's preset."""
+    out = copy.deepcopy(saved)
+    for path, value in LEGACY_DEFAULTS.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
 
 
 def config_to_json_dict(cfg: ml_collections.ConfigDict) -> dict:

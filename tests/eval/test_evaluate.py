@@ -149,6 +149,16 @@ def test_checkpoint_restore_and_cli_on_it(cfg, model, tmp_path, capsys, monkeypa
     assert (out / "per_scene_success.png").stat().st_size > 0
     assert "success" in capsys.readouterr().out
 
+    # A checkpoint saved before `model.dnfm.layout` existed was trained with the sequence layout:
+    # its config reads back as that, not as today's per-setting preset.
+    for config_file in (ck_dir / "7" / "config").iterdir():
+        if config_file.is_file() and '"variant"' in config_file.read_text():
+            old = json.loads(config_file.read_text())
+            del old["model"]["dnfm"]["layout"]
+            config_file.write_text(json.dumps(old))
+    assert restore.checkpoint_config(str(ck_dir)).model.dnfm.layout == "sequence"
+    assert restore.checkpoint_config(str(ck_dir), step=5).model.dnfm.layout == "per_setting"  # saved with it
+
 
 # ---------------------------------------------------------------- CLI
 def test_cli_oracle_and_compare(tmp_path, capsys):

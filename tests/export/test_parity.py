@@ -3,17 +3,22 @@
 One export of the tiny config (from the session's trained checkpoint) is shared by the tests of
 this module; its verification report is the main evidence, and the tests below re-check the files
 from the outside (a JAX-free process loads the PyTorch mirror; the ONNX files pass the checker).
+tiny's DNFM has one position per device setting (`model.dnfm.layout = "per_setting"`), so this is
+also that layout's end-to-end test: 43 DNFM positions, logits masked to each setting's values
+(the forbidden ones exact in every runtime), actions decoded from the per-setting argmax.
 """
 import json
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
 
 from vlacabin_jax.export.bundle import export
 from vlacabin_jax.export import onnx_export, torch_model, verify
+from vlacabin_jax.model import setting_layout
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,9 @@ def test_report_passes_with_stated_tolerances(tiny_export):
             assert outs[key]["agreement"] == 1.0 if fp32 else outs[key]["agreement"] >= 0.99, (name, key)
         if fp32:
             assert outs["z0"]["rel"] <= 1e-5 and outs["velocities"]["rel"] <= 1e-5
+        logits = outs["action_logits"]
+        assert logits["forbidden_exact"] and logits["forbidden"] > 0 and logits["max_ref"] < 1e3, (name, logits)
+    assert checks["jax_self_consistency"]["pass"]  # decode_actions of JAX's logits is infer's actions
     # Trained weights: the sampler really moves (a fresh init has zero velocity).
     assert checks["torch_fp32_batch16"]["outputs"]["velocities"]["max_ref"] > 1e-2
     assert {"onnx_fp32_batch1_sample0", "onnx_fp16_batch1_sample1", "onnx_fp16_batch16"} <= set(checks)
@@ -58,8 +66,12 @@ def test_exported_files(tiny_export):
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 4 and config["provenance"]["step"] == 20
     # The DNFM spans one position per device setting (tiny's per-setting layout); the answer is 8 ids.
-    assert config["io"]["outputs"]["velocities"]["shape"] == ["batch", 4, 43, 32]
-    assert config["io"]["outputs"]["action_tokens"]["shape"] == ["batch", 8]
+    assert config["format_version"] == torch_model.FORMAT_VERSION and config["model"]["dnfm"]["layout"] == "per_setting"
+    assert config["setting_layout"]["paths"] == list(setting_layout.layout_tables().paths)
+    io = config["io"]
+    assert io["outputs"]["velocities"]["shape"] == ["batch", 4, 43, 32] and io["outputs"]["z0"]["shape"] == ["batch", 43, 32]
+    assert io["outputs"]["action_logits"]["shape"] == ["batch", 43, 181]
+    assert io["outputs"]["action_tokens"]["shape"] == ["batch", 8] and io["inputs"]["history_actions"]["shape"] == ["batch", 8]
     for precision in ("fp32", "fp16"):
         path = out / f"vla_cabin.{precision}.onnx"
         onnx.checker.check_model(str(path), full_check=True)
@@ -69,7 +81,7 @@ def test_exported_files(tiny_export):
         assert model.opset_import[0].version == 18
         assert all(v.type.tensor_type.shape.dim[0].dim_param == "batch" for v in model.graph.input)
     trt = json.loads((out / "trt_report.json").read_text())
-    assert trt["native"] and not trt["flags"]
+    assert trt["native"] and not trt["flags"]  # the per-setting decode included: every op native in TensorRT 10
     assert set(trt["trtexec"]) == {"fp16", "fp16_from_fp32", "bf16", "fp32"}
     assert "--stronglyTyped" in trt["trtexec"]["fp16"] and "--bf16" in trt["trtexec"]["bf16"]
     assert "--maxShapes=text_tokens:8x24" in trt["trtexec"]["fp32"]
@@ -101,6 +113,10 @@ def test_mirror_loads_and_runs_without_jax(tiny_export, tiny_reference, tiny_sou
     ref = tiny_reference(inputs)
     result = verify.compare(ref, got, verify.FP32)
     assert result["pass"], result
+    # The mirror's actions are its own per-setting argmax put in cabin order (and JAX's, above).
+    settings = np.argmax(got["action_logits"], -1).astype(np.int32)
+    want = setting_layout.to_sequence(jnp.asarray(settings), 8, setting_layout.layout_tables())
+    assert np.array_equal(got["action_tokens"], np.asarray(want))
 
 
 def test_external_data_when_large(tiny_export, tmp_path, monkeypatch):

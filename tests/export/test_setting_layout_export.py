@@ -2,16 +2,12 @@
 
 The mirror's decode (`torch_model.settings_to_sequence`) is `setting_layout.to_sequence` id for id
 on random per-setting choices (none changed, a few, more than `length - 1`, all), its ONNX graph is
-sort- and loop-free, and its tables are the JAX ones. End to end: a checkpoint of the layout
-(fresh params with noise, `train_and_save`) exports, and JAX `infer` / the PyTorch mirror / ONNX
-Runtime fp32 and fp16 agree on the actions, the masked logits and the 43-position tensors. A
-config written before the field (format version 4) still reads as the sequence layout.
+sort- and loop-free, and its tables are the JAX ones. A config written before the field (format
+version 4) still reads as the sequence layout. End to end (a trained checkpoint of the layout
+exports; JAX, the mirror and ONNX Runtime agree on the actions, the masked logits and the
+43-position tensors) is tests/export/test_parity.py: tiny's default layout is "per_setting".
 """
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +15,10 @@ import onnx
 import pytest
 import torch
 
-from tests.export.conftest import trained_checkpoint, variant_config
-from tests.export.test_parity import LOAD_WITHOUT_JAX
+from tests.export.conftest import variant_config
 from vlacabin_jax.data import cabin
 from vlacabin_jax.data.actions import EOS_ID, NOOP_ID, PAD_ID, ActionVocabulary
-from vlacabin_jax.export import convert, torch_model, verify
+from vlacabin_jax.export import convert, torch_model
 from vlacabin_jax.model import dnfm, setting_layout
 
 PER_SETTING = {"model.dnfm.layout": "per_setting"}
@@ -110,64 +105,6 @@ def test_settings_decode_onnx_is_straight_line(tmp_path):
     changed = (np.argmax(logits, -1) != PAD_ID).sum(-1)
     assert changed[0] == 0 and changed.max() > 7
     assert got.dtype == np.int32 and np.array_equal(got, want)
-
-
-@pytest.fixture(scope="module")
-def per_setting_export(tmp_path_factory):
-    from vlacabin_jax.export.bundle import export
-    from vlacabin_jax.export.source import from_checkpoint
-
-    src = from_checkpoint(trained_checkpoint(tmp_path_factory, "tiny", steps=0, overrides=PER_SETTING,
-                                             name="per-setting"))
-    assert src.cfg.model.dnfm.layout == "per_setting"
-    out = tmp_path_factory.mktemp("per_setting") / "exported"
-    report = export(out=out, source=src, steps=2, trt=True, random_samples=4, world_samples=4, latency_runs=0,
-                    log=lambda line: None)
-    return out, report, src
-
-
-def test_per_setting_export_matches_jax(per_setting_export):
-    """JAX `infer` vs the mirror vs ONNX fp32 / fp16: the verification of the export passes, with
-    the forbidden logits exact and the sampler moving; the files declare 43 DNFM positions."""
-    out, report, src = per_setting_export
-    result = report["verification"]
-    assert result["passed"], result["failures"]
-    assert result["checks"]["jax_self_consistency"]["pass"]  # decode_actions of the logits is infer's
-    assert {"torch_fp32_batch8", "onnx_fp32_batch8", "onnx_fp16_batch8", "onnx_fp16_batch1_sample1"} <= set(
-        result["checks"])
-    for name, check in result["checks"].items():
-        if name == "jax_self_consistency":
-            continue
-        logits = check["outputs"]["action_logits"]
-        assert logits["forbidden_exact"] and logits["forbidden"] > 0 and logits["max_ref"] < 1e3, (name, logits)
-        if "fp16" not in name:
-            assert check["outputs"]["action_tokens"]["agreement"] == 1.0, name
-    assert result["checks"]["torch_fp32_batch8"]["outputs"]["velocities"]["max_ref"] > 1e-3
-    config = json.loads((out / "config.json").read_text())
-    assert config["format_version"] == torch_model.FORMAT_VERSION and config["model"]["dnfm"]["layout"] == "per_setting"
-    assert config["setting_layout"]["paths"] == list(setting_layout.layout_tables().paths)
-    io = config["io"]["outputs"]
-    assert io["action_tokens"]["shape"] == ["batch", 8] and io["z0"]["shape"] == ["batch", 43, 32]
-    assert io["velocities"]["shape"] == ["batch", 2, 43, 32] and io["action_logits"]["shape"] == ["batch", 43, 181]
-    assert config["io"]["inputs"]["history_actions"]["shape"] == ["batch", 8]
-    assert not report["trt"]["flags"], report["trt"]["flags"]  # every op of the decode is native in TensorRT 10
-
-
-def test_per_setting_mirror_decodes_like_jax(per_setting_export, tmp_path):
-    """The mirror, loaded in a process without JAX, on a fresh batch: its actions are
-    `setting_layout.to_sequence` of its own per-setting argmax, and JAX's."""
-    out, _, src = per_setting_export
-    inputs = verify.verification_inputs(src.cfg, 4, 4, seed=3)
-    np.savez(tmp_path / "in.npz", **inputs)
-    subprocess.run([sys.executable, "-c", LOAD_WITHOUT_JAX, str(out), str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz")], check=True, timeout=300)
-    got = dict(np.load(tmp_path / "out.npz"))
-    settings = np.argmax(got["action_logits"], -1).astype(np.int32)
-    want = np.asarray(setting_layout.to_sequence(jnp.asarray(settings), 8, setting_layout.layout_tables()))
-    assert np.array_equal(got["action_tokens"], want)
-    ref = verify.JaxReference(src.cfg, src.trainable, src.frozen, steps=2)(inputs)
-    assert np.array_equal(got["action_tokens"], ref["action_tokens"])
-    np.testing.assert_allclose(got["action_logits"], ref["action_logits"], atol=1e-4, rtol=0)
 
 
 def test_a_config_without_the_layout_reads_as_sequence():

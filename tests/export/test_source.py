@@ -42,7 +42,7 @@ def test_mirror_refuses_an_older_export_format():
 
 def test_fields_added_later_take_their_legacy_values():
     """A checkpoint saved before a route switch existed was trained without that route."""
-    from vlacabin_jax.export.source import LEGACY_DEFAULTS
+    from vlacabin_jax.config import LEGACY_DEFAULTS
 
     saved = saved_config()
     for path in LEGACY_DEFAULTS:

@@ -27,6 +27,7 @@ def _align_config(init_from: Path, pairs: Path):
     tests' batch, mesh and precision."""
     cfg = align.get_config("tiny")
     cfg.model.dtype = "float32"
+    cfg.model.dnfm.layout = runs.OVERRIDES["model.dnfm.layout"]  # the layout of the run it starts from
     cfg.data.update(mixture="preference_sim=1,vla=1", preference_dir=str(pairs))
     cfg.train.update(init_from=str(init_from), global_batch_size=16, log_every=1, eval_every=0)
     cfg.checkpoint.every_steps = 1

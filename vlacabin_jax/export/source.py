@@ -96,22 +96,6 @@ def _read_json_item(step_dir: Path, item: str) -> dict:
     raise ExportInputError(f"checkpoint {step_dir}: no readable JSON in {item}/")
 
 
-# Config fields added after the first checkpoints, with the value the model had before them (what
-# a checkpoint saved without the field was trained with).
-LEGACY_DEFAULTS = {
-    "model.bridge.connector_reads": "queries",
-    "model.bridge.connector_skip": False,
-    "model.state.field_tokens": False,
-    "model.state.numeric_fourier": 0,
-    "model.video.patch_tokens": False,
-    "model.dnfm.cross_attention": False,
-    "model.dnfm.constrained_decode": False,  # the per-position argmax
-    "model.dnfm.layout": "sequence",  # one DNFM position per answer token
-    "model.action_head": "dnfm",
-    "model.latent.init_logvar": 0.0,
-}
-
-
 def check_exportable(cfg: Any) -> None:
     """Refuse, in one line, a model the mirror cannot represent (`model.action_head` other than "dnfm")."""
     from vlacabin_jax.export.torch_model import unsupported_action_head
@@ -127,7 +111,7 @@ def config_from_json(saved: dict) -> Any:
     import ml_collections
 
     from configs.vla_cabin import VARIANTS, get_config
-    from vlacabin_jax.config import ConfigError, validate
+    from vlacabin_jax.config import ConfigError, validate, with_legacy_defaults
 
     variant = saved.get("variant")
     if variant not in VARIANTS or "model" not in saved:
@@ -144,18 +128,7 @@ def config_from_json(saved: dict) -> Any:
             else:
                 node[key] = tuple(value) if isinstance(value, list) else value
 
-    fill(cfg, saved, "")
-    # Fields added after a checkpoint was written take the value that reproduces it, not the preset's.
-    for path, value in LEGACY_DEFAULTS.items():
-        node, *keys, leaf = path.split(".")
-        where = saved.get(node, {})
-        for key in keys:
-            where = where.get(key, {}) if isinstance(where, dict) else {}
-        if not isinstance(where, dict) or leaf not in where:
-            target = cfg[node]
-            for key in keys:
-                target = target[key]
-            target[leaf] = value
+    fill(cfg, with_legacy_defaults(saved), "")
     try:
         validate(cfg)
     except ConfigError as e:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from vlacabin_jax.config import load_config
+from vlacabin_jax.config import load_config, with_legacy_defaults
 
 # The preset file whose variants a saved config names (`<step>/config` holds the resolved fields).
 CONFIG_FILE = str(Path(__file__).resolve().parents[2] / "configs" / "vla_cabin.py")
@@ -91,11 +91,14 @@ def checkpoint_config(path: str | os.PathLike | None, step: int | None = None, c
                       overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config to read a checkpoint with: its saved config unless `config` (`file.py:variant`)
     is given, else `config` or the tiny preset (also for `path` None: no checkpoint); `overrides`
-    apply last. Raises `ConfigError`, or `RestoreError` for a bad path or step."""
+    apply last; a field the saved config predates takes the value it was trained with
+    (`config.LEGACY_DEFAULTS`), not today's preset. Raises `ConfigError`, or `RestoreError` for a
+    bad path or step."""
     if path is not None and config is None:
         saved = saved_config(find_checkpoint_item(path, step))
         if saved is not None:
-            return load_config(f"{CONFIG_FILE}:{saved['variant']}", as_overrides(saved) + list(overrides))
+            return load_config(f"{CONFIG_FILE}:{saved['variant']}",
+                               as_overrides(with_legacy_defaults(saved)) + list(overrides))
     return load_config(config or DEFAULT_CONFIG, overrides)
 
 
