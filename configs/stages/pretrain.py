@@ -25,4 +25,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.loss.explanation_weight = 1.0
     for term in ("velocity", "endpoint", "source", "path"):
         c.loss[f"{term}_weight"] = 0.0
+    if variant == "tiny":
+        # The recipe's pretrain budget (docs/recipe.md), not the longer joint demo's.
+        c.train.steps, c.train.eval_every = 400, 200
     return c

@@ -19,6 +19,7 @@ B = 8  # global batch
 def _cfg(**data):
     cfg = get_config("tiny")
     cfg.data.synthetic_size, cfg.data.heldout_size = 48, 16
+    cfg.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"  # the tests' 2:2:1:1
     cfg.data.update(data)
     return cfg
 
