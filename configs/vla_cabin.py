@@ -233,8 +233,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Training loop (vlacabin_jax/train/loop.py).
     tr = c.train = ml_collections.ConfigDict()
     tr.stage = "joint"  # joint (all terms, full mixture) | pretrain | sft | align; see configs/stages/
-    # optimizer steps; tiny's fits the README's first command in about 8 min of a 2-core CPU
-    # (heldout success 30.3 % on 1000 turns against 23.4 % after 400 steps; docs/limitations.md)
+    # optimizer steps; tiny's fits the README's first command in 7.5 min of a 2-core CPU
+    # (heldout success 29.8 % on 1000 turns against 23.4 % after 400 steps; docs/limitations.md)
     tr.steps = {"tiny": 1400, "small": 20_000, "base": 100_000, "a100x128": 200_000}[variant]
     tr.global_batch_size = {"tiny": 16, "small": 64, "base": 256, "a100x128": 1024}[variant]  # all devices
     # Microbatches per step (lax.scan); must divide the per-device batch. 1 for base and a100x128

@@ -214,7 +214,9 @@ def test_build_from_jsonl_logs(tmp_path, capsys):
     from configs.vla_cabin import get_config
     from vlacabin_jax.data import pipeline
 
-    it = pipeline.make_dataset(get_config("tiny"), global_batch_size=3, seed=0, source=str(out))
+    cfg = get_config("tiny")
+    cfg.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
+    it = pipeline.make_dataset(cfg, global_batch_size=3, seed=0, source=str(out))
     batch = next(it)
     it.close()
     assert sorted(batch["sample_id"].tolist()) == [7, 7, 9] and batch["has_actions"].sum() == 2
