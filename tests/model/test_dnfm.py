@@ -1,13 +1,11 @@
 """DNFM: the Euler sampler, and that the whole model fits a fixed toy batch with a codebook that
 does not collapse and samples that stay right as K grows."""
-import copy
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from tests.model.conftest import random_batch
 from vlacabin_jax.model import dnfm, setting_layout
@@ -28,13 +26,11 @@ def test_euler_sampler_integrates_exactly_for_constant_and_linear_fields():
         np.testing.assert_allclose(dnfm.euler_sample(lambda x, t: x1 - z0, z0, steps), x1, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["sequence", "per_setting"])
-def test_model_fits_toy_batch_and_codebook_stays_apart(tiny_cfg, layout):
-    """Under "per_setting" the target is the sequence rebuilt from the settings (a random batch
-    may set one path twice: the last value is what the cabin ends with)."""
-    tiny_cfg = copy.deepcopy(tiny_cfg)
-    tiny_cfg.model.dnfm.layout = layout
-    tiny_cfg.loss.keep_weight = 0.3
+def test_model_fits_toy_batch_and_codebook_stays_apart(tiny_cfg):
+    """tiny's per-setting DNFM; the target is the sequence rebuilt from the settings (a random
+    batch may set one path twice: the last value is what the cabin ends with). The sequence
+    layout's terms are seen falling in the loop tests' reference run (tests/train/test_loop.py)."""
+    assert tiny_cfg.model.dnfm.layout == "per_setting" and tiny_cfg.loss.keep_weight == 0.3
     batch = jax.tree.map(jnp.asarray, random_batch(tiny_cfg, 8, seed=3))
     trainable, frozen = F.init_params(tiny_cfg, jax.random.key(0))
     trainable, frozen = nn.unbox(trainable), nn.unbox(frozen)
@@ -60,11 +56,9 @@ def test_model_fits_toy_batch_and_codebook_stays_apart(tiny_cfg, layout):
     print(f"codebook min pairwise distance {start_distance:.3f} -> {end_distance:.3f}")
     assert end_distance > 0.8 * start_distance
 
-    targets = np.asarray(batch["action_tokens"])
-    if layout == "per_setting":
-        tables = setting_layout.layout_tables()
-        targets = np.asarray(setting_layout.to_sequence(
-            setting_layout.to_settings(batch["action_tokens"], tables), tiny_cfg.model.action_len, tables))
+    tables = setting_layout.layout_tables()
+    targets = np.asarray(setting_layout.to_sequence(
+        setting_layout.to_settings(batch["action_tokens"], tables), tiny_cfg.model.action_len, tables))
     # One program for the four samplers: they share the encoders and bridge (compiled once).
     sampled = jax.jit(lambda p: [F.infer(p, frozen, batch, tiny_cfg, k)[0] for k in (1, 2, 4, 8)])(trainable)
     accuracies = [float((np.asarray(actions) == targets).mean()) for actions in sampled]

@@ -93,12 +93,12 @@ def _reference(cfg, state, batch):
 
     def loss(params, frozen):
         full_loss, m = functional.loss_fn(params, frozen, batch, rngs, cfg, state.step, ref)
-        nce_sum, rows = 0.0, 0.0
-        for a in range(ACCUM):
-            micro = jax.tree.map(lambda x: x[a::ACCUM], batch)
-            _, ma = functional.loss_fn(params, frozen, micro, rngs, cfg, state.step, ref)
-            nce_sum, rows = nce_sum + ma["infonce"] * ma["infonce_rows"], rows + ma["infonce_rows"]
-        nce = nce_sum / jnp.maximum(rows, 1.0)
+        # Microbatch a holds rows a, a + A, …; lax.map traces (and compiles) the loss once for all.
+        micros = jax.tree.map(lambda x: jnp.stack([x[a::ACCUM] for a in range(ACCUM)]), batch)
+        nce, nce_rows = jax.lax.map(lambda micro: [functional.loss_fn(
+            params, frozen, micro, rngs, cfg, state.step, ref)[1][k] for k in ("infonce", "infonce_rows")], micros)
+        rows = nce_rows.sum()
+        nce = (nce * nce_rows).sum() / jnp.maximum(rows, 1.0)
         total = full_loss - w * m["infonce"] + w * nce
         return total, dict(m, loss=total, infonce=nce, infonce_rows=rows)
 

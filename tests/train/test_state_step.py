@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs.vla_cabin import get_config
+from tests.train import runs
 from vlacabin_jax import sharding
 from vlacabin_jax.data import pipeline
 from vlacabin_jax.data.spec import zeros_batch
@@ -17,7 +18,7 @@ from vlacabin_jax.train import step as step_lib
 
 
 def _cfg(mesh=(2, 2, 2)):
-    """The tiny config the loop tests train (same programs, so the compilation cache is shared)."""
+    """tiny in float32 at the loop tests' batch and schedule, on `mesh`."""
     cfg = get_config("tiny")
     cfg.model.dtype = "float32"
     cfg.train.update(steps=80, global_batch_size=16, log_every=1, eval_every=0)
@@ -79,10 +80,10 @@ def test_anchor_file_is_placed_onto_the_anchor_shardings(real, tmp_path):
 
 
 def test_real_step_donates_state_and_keeps_metrics_on_device():
-    # 8x1x1: the same program as the loop tests' reference run (multi-axis CPU meshes can deadlock
-    # in XLA:CPU, see tests/train/test_loop.py).
-    cfg = _cfg((8, 1, 1))
-    cfg.train.trainable = "all"  # the reference run's layout: a frozen anchor
+    # The loop tests' reference run's config (8x1x1, a frozen anchor): the same program, so the
+    # compilation cache serves whichever compiles second. (Multi-axis CPU meshes can deadlock in
+    # XLA:CPU, see tests/train/test_loop.py.)
+    cfg = runs.config()
     mesh = sharding.make_mesh(cfg.mesh)
     state, shardings = state_lib.create_train_state(cfg, mesh)
     train_step = step_lib.make_train_step(cfg, mesh, shardings)
