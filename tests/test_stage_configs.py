@@ -18,7 +18,8 @@ def test_stage_configs_validate_and_differ_where_the_design_says():
     for c in (p, s, a):
         validate(c)
     assert p.loss.source_weight == 0 and s.loss.source_weight == 1 and p.data.mixture.count("=") == 4
-    assert s.data.mixture == "vla=1" and s.train.trainable == "all"
+    assert s.data.mixture == "vla=1" and s.train.trainable == "all_and_anchor"  # tiny imports no anchor
+    assert sft.get_config("small").train.trainable == "all"
     assert a.train.trainable == "lora_and_heads" and a.model.lora.rank > 0 and a.loss.dpo_weight > 0
     assert "preference=" in a.data.mixture
 

@@ -3,10 +3,10 @@
 `--config configs/stages/sft.py:tiny --config.train.init_from=runs/pretrain/checkpoints` starts
 from the pretrain stage's params (fresh optimizer, step 0; the loaded / new / dropped params are
 printed and logged to events.jsonl). The DNFM terms and the explanation head train; the latent KL
-stays on as a regulariser, InfoNCE and reconstruction are off. Everything but the anchor trains
-(the anchor the pretrain stage trained, or an imported one, is frozen from here on). Run alone on
-tiny (no init_from, no anchor_weights) the frozen anchor is random and the model stays at the
-`<noop>` floor; add --config.train.trainable=all_and_anchor, as the quality ladder's `full` rung does.
+stays on as a regulariser, InfoNCE and reconstruction are off. Everything trains but the anchor,
+which is frozen from here on. tiny imports no anchor and keeps training its own (`all_and_anchor`,
+as the quality ladder's `full` rung): the ladder puts every learner behind a frozen random anchor
+at the `<noop>` floor, and the pretrain stage's 400 steps are its only other training.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = base_config(variant)
     c.train.stage = "sft"
     c.train.init_from = ""  # the pretrain run's checkpoints/ (set on the command line)
-    c.train.trainable = "all"
+    c.train.trainable = "all_and_anchor" if variant == "tiny" else "all"
     c.data.mixture = "vla=1"
     c.loss.infonce_weight = 0.0
     c.loss.recon_weight = 0.0
