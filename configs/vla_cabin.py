@@ -54,6 +54,11 @@ def _trainable(variant: str) -> dict[str, dict]:
     return dict(width=w, depth=deep, heads=heads, mlp_dim=4 * w)
 
 
+# Every data kind, VLA turns and image captions weighted 2, video and speech pairs 1: the pretrain
+# stage's mixture and the joint default of every variant but tiny.
+BALANCED_MIXTURE = "vla=2,image_text=2,video_text=1,speech_text=1"
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown config variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -206,8 +211,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # (the synthetic world's pairs) and `preference_sim` (pairs in data.preference_dir). tiny's
     # joint run (the README's first command) leans on VLA turns: with a third of its batches VLA
     # it still answered only <noop> after 400 steps.
-    d.mixture = ("vla=6,image_text=2,video_text=1,speech_text=1" if variant == "tiny"
-                 else "vla=2,image_text=2,video_text=1,speech_text=1")
+    d.mixture = "vla=6,image_text=2,video_text=1,speech_text=1" if variant == "tiny" else BALANCED_MIXTURE
     d.mixture_temperature = 1.0  # weights become w^(1/T), normalised; T > 1 flattens toward uniform
     d.num_workers = {"tiny": 0, "small": 0, "base": 8, "a100x128": 8}[variant]  # grain workers (0: threads)
     d.read_threads = 2  # threads per process (or per worker) reading and featurizing batches

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.vla_cabin import get_config as base_config
+from configs.vla_cabin import BALANCED_MIXTURE, get_config as base_config
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -19,7 +19,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.stage = "pretrain"
     c.train.init_from = ""  # a fresh start (or an earlier pretrain run's checkpoints/)
     c.train.trainable = "all_and_anchor" if variant == "tiny" else "all"
-    c.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
+    c.data.mixture = BALANCED_MIXTURE
     c.loss.infonce_weight = 1.0
     c.loss.recon_weight = 1.0
     c.loss.explanation_weight = 1.0

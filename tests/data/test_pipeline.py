@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs.vla_cabin import get_config
+from configs.vla_cabin import BALANCED_MIXTURE, get_config
 from vlacabin_jax.data import pipeline, spec
 from vlacabin_jax.data.spec import KINDS
 
@@ -19,7 +19,7 @@ B = 8  # global batch
 def _cfg(**data):
     cfg = get_config("tiny")
     cfg.data.synthetic_size, cfg.data.heldout_size = 48, 16
-    cfg.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"  # the tests' 2:2:1:1
+    cfg.data.mixture = BALANCED_MIXTURE  # the tests' 2:2:1:1
     cfg.data.update(data)
     return cfg
 

@@ -211,11 +211,11 @@ def test_build_from_jsonl_logs(tmp_path, capsys):
     assert held["video_text"][0]["frames"].shape == (4, 32, 32, 3)  # 9 frames subsampled to 4
 
     # Real logs feed the pipeline like synthetic shards; kinds without data drop out of the mix.
-    from configs.vla_cabin import get_config
+    from configs.vla_cabin import BALANCED_MIXTURE, get_config
     from vlacabin_jax.data import pipeline
 
     cfg = get_config("tiny")
-    cfg.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"
+    cfg.data.mixture = BALANCED_MIXTURE
     it = pipeline.make_dataset(cfg, global_batch_size=3, seed=0, source=str(out))
     batch = next(it)
     it.close()

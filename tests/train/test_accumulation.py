@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.vla_cabin import get_config
+from configs.vla_cabin import BALANCED_MIXTURE, get_config
 from vlacabin_jax import sharding
 from vlacabin_jax.data import pipeline
 from vlacabin_jax.data.spec import MODALITIES
@@ -43,7 +43,7 @@ def _cfg():
     cfg = get_config("tiny")
     cfg.model.dtype = "float32"
     cfg.model.lora.rank = 4
-    cfg.data.mixture = "vla=2,image_text=2,video_text=1,speech_text=1"  # the rows `_uneven` spreads
+    cfg.data.mixture = BALANCED_MIXTURE  # the rows `_uneven` spreads
     cfg.train.update(stage="align", trainable="lora_and_heads", global_batch_size=BATCH, grad_accum_steps=ACCUM)
     cfg.loss.update(dpo_weight=1.0, kl_warmup_steps=10)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 8, 1, 1
